@@ -1,0 +1,23 @@
+"""Test setup: split the host CPU into two logical devices before TensorFlow starts, for 2-replica tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfreward import distribute  # noqa: E402
+
+distribute.split_cpu(2)
+
+
+@pytest.fixture
+def two_replica_strategy():
+  """A MirroredStrategy over two logical CPU devices."""
+  return distribute.mirrored_cpu_strategy(2)
+
+
+@pytest.fixture
+def default_strategy():
+  return tf.distribute.get_strategy()
