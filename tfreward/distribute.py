@@ -85,7 +85,8 @@ def use_xla_in_compile(strategy):
   """Whether `model.compile(jit_compile=...)` may be True under `strategy`.
 
   MirroredStrategy with a jit-compiled Keras train function (or steps_per_execution > 1) fails in Keras 3.15 with
-  "You must feed a value for placeholder tensor" (keras-team/keras#19246); there the models jit-compile their own
-  per-replica core instead. The default strategy and TPUStrategy compile the whole step with XLA.
+  "You must feed a value for placeholder tensor" (keras-team/keras#19246), and a nested jit-compiled function
+  cannot hold its all-reduce (a merge_call); there the step runs as a plain graph with steps_per_execution 1.
+  The default strategy and TPUStrategy compile the whole step with XLA.
   """
   return not isinstance(strategy, tf.distribute.MirroredStrategy)

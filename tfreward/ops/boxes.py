@@ -13,8 +13,10 @@ import tensorflow as tf
 
 
 def _check_last_dim(boxes, name="boxes"):
-  if boxes.shape.rank is not None and boxes.shape[-1] is not None and boxes.shape[-1] != 4:
-    raise ValueError(f"{name} must have a last dimension of 4, got shape {boxes.shape}.")
+  shape = tf.TensorShape(boxes.shape) if hasattr(boxes, "shape") else tf.TensorShape(
+      tf.convert_to_tensor(boxes).shape)
+  if shape.rank is not None and (shape.rank == 0 or (shape[-1] is not None and shape[-1] != 4)):
+    raise ValueError(f"{name} must have a last dimension of 4, got shape {shape}.")
 
 
 def _convert(boxes, src, dst):

@@ -1,0 +1,99 @@
+"""Command line: `tfreward train|evaluate|export|data ...`.
+
+  tfreward train CONFIG.yaml [--set key=value ...] [--model-dir DIR]
+  tfreward evaluate --model-dir DIR [--set key=value ...]
+  tfreward export --model-dir DIR [--export-dir DIR]
+  tfreward data preview [--dataset NAME] [--split SPLIT] [--out PNG] [--data-dir DIR]
+  tfreward data build [--dataset NAME] [--data-dir DIR]
+
+Errors a user can fix (a bad config key, a missing dataset) print one line and exit with status 2.
+"""
+
+import argparse
+import os
+import sys
+
+
+def _parser():
+  parser = argparse.ArgumentParser(prog="tfreward", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  train = sub.add_parser("train", help="train a model from a YAML config")
+  train.add_argument("config", help="path to an experiment YAML (see configs/)")
+  train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+  train.add_argument("--model-dir", default=None, help="where checkpoints, logs and exports go "
+                     "(default: runs/<config name>)")
+  train.add_argument("--no-eval", action="store_true", help="skip evaluation during training")
+  train.add_argument("--export", action="store_true", help="export a SavedModel after training")
+
+  evaluate = sub.add_parser("evaluate", help="evaluate a trained model on the evaluation split")
+  evaluate.add_argument("--model-dir", required=True)
+  evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+  export = sub.add_parser("export", help="export a trained model as a SavedModel for serving")
+  export.add_argument("--model-dir", required=True)
+  export.add_argument("--export-dir", default=None, help="default: <model-dir>/export")
+
+  data = sub.add_parser("data", help="build or look at a dataset")
+  data_sub = data.add_subparsers(dest="data_command", required=True)
+  preview = data_sub.add_parser("preview", help="write a PNG grid of images with boxes and masks")
+  preview.add_argument("--dataset", default="tfreward_shapes")
+  preview.add_argument("--split", default="train")
+  preview.add_argument("--out", default="preview.png")
+  preview.add_argument("--data-dir", default=None)
+  preview.add_argument("--num-images", type=int, default=16)
+  build = data_sub.add_parser("build", help="build the built-in synthetic dataset")
+  build.add_argument("--dataset", default="tfreward_shapes")
+  build.add_argument("--data-dir", default=None)
+  return parser
+
+
+def _run(args):
+  from tfreward.config import load_config
+  if args.command == "train":
+    from tfreward.training import trainer
+    config = load_config(args.config, args.overrides)
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    model_dir = args.model_dir or os.path.join("runs", name)
+    result = trainer.train(config, model_dir, evaluate=not args.no_eval)
+    if result.metrics:
+      print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+    if args.export:
+      print("exported to", trainer.export(config, model_dir))
+    print("model directory:", model_dir)
+  elif args.command == "evaluate":
+    from tfreward.training import trainer
+    config = load_config(trainer.saved_config_dict(args.model_dir), args.overrides)
+    results = trainer.evaluate(config, args.model_dir)
+    print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+  elif args.command == "export":
+    from tfreward.training import trainer
+    config = load_config(trainer.saved_config_dict(args.model_dir))
+    print("exported to", trainer.export(config, args.model_dir, args.export_dir))
+  elif args.command == "data":
+    from tfreward.data import shapes
+    if args.data_command == "build":
+      builder = shapes.ensure_built(args.dataset, args.data_dir)
+      print(f"{args.dataset} ready in {builder.data_dir}")
+    else:
+      from tfreward.data.preview import write_preview
+      path = write_preview(args.out, name=args.dataset, split=args.split, data_dir=args.data_dir,
+                           num_images=args.num_images)
+      print("preview written to", path)
+
+
+def main(argv=None):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  args = _parser().parse_args(argv)
+  from tfreward.config import ConfigError
+  try:
+    _run(args)
+  except (ConfigError, FileNotFoundError) as e:
+    print(f"tfreward: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,259 @@
+"""Typed experiment configs: YAML validated into dataclasses, unknown or mistyped keys rejected.
+
+A config file has four sections, each optional except `model.family`:
+
+  model:    family name (see `tfreward.registry`) plus that family's own typed options
+  data:     dataset, task, image size, batch sizes, augmentation
+  train:    steps, optimizer, schedule, precision, checkpoints
+  runtime:  strategy ("auto", "tpu", "gpu", "cpu"), tpu address, seed
+
+Overrides use dotted keys: `--set train.optimizer.learning_rate=0.01`.
+"""
+
+import dataclasses
+import types
+import typing
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config that does not validate; the message names the key and what is valid."""
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+  hflip: bool = True
+  scale_min: float = 0.8
+  scale_max: float = 1.25
+
+
+@dataclasses.dataclass
+class DataConfig:
+  dataset: str = "tfreward_shapes"
+  task: str = "detection"
+  data_dir: Optional[str] = None
+  manual_dir: Optional[str] = None
+  train_split: str = "train"
+  eval_split: str = "validation"
+  image_size: tuple[int, int] = (128, 128)
+  max_instances: int = 16
+  global_batch_size: int = 32
+  eval_batch_size: int = 32
+  shuffle_buffer: int = 1000
+  max_eval_examples: Optional[int] = None
+  augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+  name: str = "adamw"  # "adamw" or "sgd"
+  learning_rate: float = 1e-3
+  weight_decay: float = 1e-4
+  momentum: float = 0.9  # sgd
+  nesterov: bool = True  # sgd
+  beta_1: float = 0.9
+  beta_2: float = 0.999
+  epsilon: float = 1e-8
+  clip_norm: Optional[float] = None  # global gradient-norm clipping, over the global batch
+  schedule: str = "cosine"  # "cosine", "step" or "constant"
+  warmup_steps: int = 0
+  decay_steps: Optional[list[int]] = None  # "step": boundaries (default: at 2/3 and 8/9 of training)
+  decay_rate: float = 0.1  # "step": factor at each boundary
+  min_learning_rate_ratio: float = 0.0  # "cosine": floor as a fraction of the peak
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  epochs: int = 10
+  steps_per_epoch: int = 100
+  steps_per_execution: int = 1
+  mixed_precision: bool = False  # mixed_bfloat16
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  eval_every_epochs: int = 1
+  checkpoint_every_epochs: int = 1
+  init_checkpoint: Optional[str] = None  # weights to start from (e.g. an MLE run before reward tuning)
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+  strategy: str = "auto"
+  tpu_address: Optional[str] = None
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """`family` picks the model; `options` holds that family's own keys, validated by the registry."""
+  family: str = ""
+  options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+
+def _type_name(tp):
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, path):
+  """Checks and converts a YAML value to the annotated type `tp`."""
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    inner = [a for a in args if a is not type(None)]
+    errors = []
+    for a in inner:
+      try:
+        return _coerce(value, a, path)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0])
+  if dataclasses.is_dataclass(tp):
+    return from_dict(tp, value, path)
+  if tp is Any:
+    return value
+  if origin in (tuple, list):
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{path}: expected a list for {_type_name(tp)}, got {value!r}.")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+      if len(value) != len(args):
+        raise ConfigError(f"{path}: expected {len(args)} values, got {value!r}.")
+      return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    item = args[0] if args else Any
+    out = [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(out) if origin is tuple else out
+  if origin is dict or tp is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
+    return dict(value)
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"{path}: expected an integer, got {value!r}.")
+    return value
+  if tp is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"{path}: expected a number, got {value!r}.")
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"{path}: expected a string, got {value!r}.")
+    return value
+  raise ConfigError(f"{path}: unsupported config type {tp}.")
+
+
+def from_dict(cls, values, path=""):
+  """Builds dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the valid keys."""
+  if values is None:
+    values = {}
+  if not isinstance(values, dict):
+    raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {values!r}.")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in values.items():
+    where = f"{path}.{key}" if path else str(key)
+    if key not in fields:
+      raise ConfigError(f"unknown config key '{where}'; valid keys{' in ' + path if path else ''}: "
+                        f"{', '.join(sorted(fields))}.")
+    kwargs[key] = _coerce(value, hints[key], where)
+  return cls(**kwargs)
+
+
+def to_dict(config):
+  """Dataclass -> plain dict (tuples as lists), YAML-serialisable."""
+  def convert(x):
+    if isinstance(x, (list, tuple)):
+      return [convert(v) for v in x]
+    if isinstance(x, dict):
+      return {k: convert(v) for k, v in x.items()}
+    return x
+  return convert(dataclasses.asdict(config))
+
+
+def _parse_override(text):
+  if "=" not in text:
+    raise ConfigError(f"override {text!r} must look like key.path=value, e.g. train.epochs=3.")
+  key, raw = text.split("=", 1)
+  return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(raw, overrides):
+  """Applies `a.b.c=value` strings (values parsed as YAML) to a nested dict, in place; returns it."""
+  for text in overrides or ():
+    keys, value = _parse_override(text)
+    node = raw
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+      if not isinstance(node, dict):
+        raise ConfigError(f"override {text!r}: '{k}' is not a section.")
+    node[keys[-1]] = value
+  return raw
+
+
+def _split_model_section(raw):
+  """`model: {family: x, a: 1}` -> ModelConfig(family=x, options={a: 1})."""
+  model = raw.get("model")
+  if model is None:
+    raise ConfigError("the config has no 'model' section; it needs at least 'model: {family: NAME}'.")
+  if not isinstance(model, dict) or "family" not in model:
+    raise ConfigError("the 'model' section needs a 'family' key naming the model family.")
+  model = dict(model)
+  family = model.pop("family")
+  raw = dict(raw)
+  raw["model"] = {"family": family, "options": model}
+  return raw
+
+
+def validate(config):
+  """Cross-field checks. Raises ConfigError."""
+  d, t = config.data, config.train
+  if d.task not in ("detection", "segmentation"):
+    raise ConfigError(f"data.task must be 'detection' or 'segmentation', got {d.task!r}.")
+  if any(s <= 0 for s in d.image_size):
+    raise ConfigError(f"data.image_size must be two positive integers, got {list(d.image_size)}.")
+  for name in ("global_batch_size", "eval_batch_size", "max_instances"):
+    if getattr(d, name) <= 0:
+      raise ConfigError(f"data.{name} must be positive, got {getattr(d, name)}.")
+  if not 0 < d.augment.scale_min <= d.augment.scale_max:
+    raise ConfigError(f"data.augment needs 0 < scale_min <= scale_max, got "
+                      f"{d.augment.scale_min}, {d.augment.scale_max}.")
+  if t.epochs <= 0 or t.steps_per_epoch <= 0 or t.steps_per_execution <= 0:
+    raise ConfigError("train.epochs, train.steps_per_epoch and train.steps_per_execution must be positive.")
+  if t.optimizer.name not in ("adamw", "sgd"):
+    raise ConfigError(f"train.optimizer.name must be 'adamw' or 'sgd', got {t.optimizer.name!r}.")
+  if t.optimizer.schedule not in ("cosine", "step", "constant"):
+    raise ConfigError(f"train.optimizer.schedule must be 'cosine', 'step' or 'constant', got "
+                      f"{t.optimizer.schedule!r}.")
+  if config.runtime.strategy not in ("auto", "tpu", "gpu", "cpu"):
+    raise ConfigError(f"runtime.strategy must be auto, tpu, gpu or cpu, got {config.runtime.strategy!r}.")
+  return config
+
+
+def load_config(path_or_dict, overrides=()):
+  """Reads a YAML file (or a dict), applies `key=value` overrides, validates; returns an ExperimentConfig."""
+  if isinstance(path_or_dict, dict):
+    raw = dict(path_or_dict)
+  else:
+    try:
+      with open(path_or_dict) as f:
+        raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+      raise ConfigError(f"config file {path_or_dict!r} does not exist.") from None
+    if not isinstance(raw, dict):
+      raise ConfigError(f"{path_or_dict}: a config file must be a YAML mapping.")
+  raw = apply_overrides(raw, overrides)
+  raw = _split_model_section(raw)
+  return validate(from_dict(ExperimentConfig, raw))

@@ -1,0 +1,187 @@
+"""Experiment wiring: strategy, datasets, model, optimizer, callbacks and `model.fit`.
+
+A model directory holds:
+  config.yaml           the resolved config the run used
+  backup/               BackupAndRestore state, so an interrupted run resumes at the epoch it stopped in
+  checkpoints/          weights after every `checkpoint_every_epochs` epochs (`latest.weights.h5`)
+  logs/                 TensorBoard
+  final.weights.h5      weights at the end of training
+  metrics.json          the last evaluation
+  export/               the SavedModel written by `export`
+"""
+
+import dataclasses
+import json
+import logging
+import os
+
+import keras
+import tensorflow as tf
+import yaml
+
+from tfreward import distribute, registry
+from tfreward.config import ConfigError, to_dict
+from tfreward.training.optimizers import build_optimizer
+
+FINAL_WEIGHTS = "final.weights.h5"
+LATEST_WEIGHTS = os.path.join("checkpoints", "latest.weights.h5")
+
+
+@dataclasses.dataclass
+class TrainResult:
+  model: keras.Model
+  history: dict
+  metrics: dict
+
+
+def _data_kwargs(config, *, training):
+  d = config.data
+  return dict(dataset=d.dataset, task=d.task, split=d.train_split if training else d.eval_split,
+              training=training, image_size=tuple(d.image_size),
+              global_batch_size=d.global_batch_size if training else d.eval_batch_size,
+              max_instances=d.max_instances, data_dir=d.data_dir, manual_dir=d.manual_dir,
+              shuffle_buffer=d.shuffle_buffer, hflip=d.augment.hflip,
+              scale_range=(d.augment.scale_min, d.augment.scale_max),
+              max_examples=None if training else d.max_eval_examples, seed=config.runtime.seed)
+
+
+def dataset_spec(config):
+  from tfreward.data import pipeline  # Lazy: keeps `import tfreward.training.trainer` light for tests.
+  return pipeline.dataset_spec(config.data.dataset, data_dir=config.data.data_dir,
+                               manual_dir=config.data.manual_dir)
+
+
+def eval_dataset(config):
+  """The host-side (not distributed) evaluation dataset; every example, last batch padded and masked."""
+  from tfreward.data import pipeline
+  return pipeline.build_dataset(**_data_kwargs(config, training=False))
+
+
+def build_model(config, strategy=None, spec=None, *, compile_model=True):
+  """Builds (and compiles) the configured model inside `strategy.scope()`, with every variable created."""
+  strategy = strategy or tf.distribute.get_strategy()
+  spec = spec or dataset_spec(config)
+  family = registry.get_family(config.model.family)
+  if family.task != config.data.task:
+    raise ConfigError(f"model family {config.model.family!r} is a {family.task} model but data.task is "
+                      f"{config.data.task!r}.")
+  previous_policy = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.train.mixed_precision else "float32")
+  try:
+    with strategy.scope():
+      model = registry.build_model(config.model, num_classes=spec.num_classes,
+                                   image_size=tuple(config.data.image_size),
+                                   clip_norm=config.train.optimizer.clip_norm)
+      if compile_model:
+        total_steps = config.train.epochs * config.train.steps_per_epoch
+        xla = distribute.use_xla_in_compile(strategy)
+        model.compile(optimizer=build_optimizer(config.train.optimizer, total_steps), jit_compile=xla,
+                      steps_per_execution=config.train.steps_per_execution if xla else 1)
+      model.build_for_training()
+  finally:
+    keras.mixed_precision.set_global_policy(previous_policy)
+  return model
+
+
+def eval_callback(config, model_dir=None):
+  """The evaluation callback for the configured task (COCO box mAP or mean IoU)."""
+  from tfreward.training import eval_callback as callbacks
+  dataset = eval_dataset(config)
+  every = config.train.eval_every_epochs
+  if config.data.task == "segmentation":
+    spec = dataset_spec(config)
+    return callbacks.SegmentationEvalCallback(dataset, num_classes=spec.num_classes, every_n_epochs=every)
+  return callbacks.CocoEvalCallback(dataset, every_n_epochs=every, class_names=dataset_spec(config).class_names)
+
+
+def _write_config(config, model_dir):
+  os.makedirs(model_dir, exist_ok=True)
+  with open(os.path.join(model_dir, "config.yaml"), "w") as f:
+    yaml.safe_dump(to_dict(config), f, sort_keys=False)
+
+
+def _flatten_model_section(raw):
+  model = raw["model"]
+  raw["model"] = {"family": model["family"], **model["options"]}
+  return raw
+
+
+def saved_config_dict(model_dir):
+  """The config a run wrote, as a dict that `load_config` accepts."""
+  path = os.path.join(model_dir, "config.yaml")
+  if not os.path.exists(path):
+    raise ConfigError(f"{model_dir!r} has no config.yaml: is it a tfreward model directory?")
+  with open(path) as f:
+    return _flatten_model_section(yaml.safe_load(f))
+
+
+def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
+  """Trains `config` into `model_dir` and returns a TrainResult. Resumes if `model_dir` holds a backup."""
+  keras.utils.set_random_seed(config.runtime.seed)
+  strategy = distribute.get_strategy(config.runtime.strategy, config.runtime.tpu_address)
+  spec = dataset_spec(config)
+  from tfreward.data import pipeline
+  per_replica_check = config.data.global_batch_size % strategy.num_replicas_in_sync
+  if per_replica_check:
+    raise ConfigError(f"data.global_batch_size {config.data.global_batch_size} is not divisible by the "
+                      f"{strategy.num_replicas_in_sync} replicas.")
+  train_data = pipeline.distributed_dataset(strategy, **_data_kwargs(config, training=True))
+  model = build_model(config, strategy, spec)
+  if config.train.init_checkpoint:
+    model.load_weights(config.train.init_checkpoint)
+    logging.info("Initialised weights from %s", config.train.init_checkpoint)
+  _write_config(config, model_dir)
+
+  all_callbacks = []
+  if evaluate:
+    all_callbacks.append(eval_callback(config, model_dir))
+  all_callbacks += [
+      keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
+      keras.callbacks.ModelCheckpoint(os.path.join(model_dir, LATEST_WEIGHTS), save_weights_only=True,
+                                      save_freq="epoch"),
+      keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
+      *callbacks,
+  ]
+  history = model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=config.train.steps_per_epoch,
+                      callbacks=all_callbacks, verbose=verbose)
+  model.save_weights(os.path.join(model_dir, FINAL_WEIGHTS))
+  metrics = {}
+  if evaluate:
+    metrics = {k: float(v) for k, v in all_callbacks[0].last_results.items()}
+    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+  return TrainResult(model=model, history=history.history, metrics=metrics)
+
+
+def load_trained_model(config, model_dir, *, weights=None):
+  """Rebuilds the model of `config` (single replica) and loads its final (or latest) weights."""
+  model = build_model(config, compile_model=False)
+  if weights is None:
+    for name in (FINAL_WEIGHTS, LATEST_WEIGHTS):
+      if os.path.exists(os.path.join(model_dir, name)):
+        weights = os.path.join(model_dir, name)
+        break
+    else:
+      raise FileNotFoundError(f"{model_dir!r} holds no trained weights ({FINAL_WEIGHTS} or {LATEST_WEIGHTS}); "
+                              "run `tfreward train` first.")
+  model.load_weights(weights)
+  return model
+
+
+def evaluate(config, model_dir, *, weights=None):
+  """Evaluates the trained model in `model_dir` on the evaluation split; returns the metrics dict."""
+  model = load_trained_model(config, model_dir, weights=weights)
+  results = eval_callback(config, model_dir).evaluate(model)
+  results = {k: float(v) for k, v in results.items()}
+  with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
+
+
+def export(config, model_dir, export_dir=None, *, weights=None):
+  """Exports the trained model in `model_dir` as a SavedModel; returns its path."""
+  from tfreward.export.saved_model import export_saved_model
+  model = load_trained_model(config, model_dir, weights=weights)
+  export_dir = export_dir or os.path.join(model_dir, "export")
+  export_saved_model(model, export_dir)
+  return export_dir
