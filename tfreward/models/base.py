@@ -111,12 +111,13 @@ class TaskModel(keras.Model):
     """
     if not self.built:
       self(tf.zeros([1, *self.image_size, 3], tf.uint8), training=False)
-    optimizer = optimizer or self.optimizer
+    optimizer = optimizer or getattr(self, "optimizer", None)
     if optimizer is not None and not optimizer.built:
       optimizer.build(self.trainable_variables)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-    if self.built and (self.optimizer is None or self.optimizer.built):
+    optimizer = getattr(self, "optimizer", None)
+    if self.built and (optimizer is None or optimizer.built):
       return
     super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
