@@ -86,10 +86,10 @@ def _run(args):
 def main(argv=None):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   args = _parser().parse_args(argv)
-  from tfreward.config import ConfigError
+  from tfreward.errors import UserError
   try:
     _run(args)
-  except (ConfigError, FileNotFoundError) as e:
+  except (UserError, FileNotFoundError) as e:
     print(f"tfreward: error: {e}", file=sys.stderr)
     return 2
   return 0

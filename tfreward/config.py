@@ -17,9 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A config that does not validate; the message names the key and what is valid."""
+from tfreward.errors import ConfigError  # noqa: F401  (re-exported: the config module's error)
 
 
 @dataclasses.dataclass

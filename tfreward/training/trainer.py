@@ -69,7 +69,7 @@ def build_model(config, strategy=None, spec=None, *, compile_model=True):
   keras.mixed_precision.set_global_policy("mixed_bfloat16" if config.train.mixed_precision else "float32")
   try:
     with strategy.scope():
-      model = registry.build_model(config.model, num_classes=spec.num_classes,
+      model = registry.build_model(config.model, num_classes=spec.num_classes_for(config.data.task),
                                    image_size=tuple(config.data.image_size),
                                    clip_norm=config.train.optimizer.clip_norm)
       if compile_model:
@@ -90,7 +90,8 @@ def eval_callback(config, model_dir=None):
   every = config.train.eval_every_epochs
   if config.data.task == "segmentation":
     spec = dataset_spec(config)
-    return callbacks.SegmentationEvalCallback(dataset, num_classes=spec.num_classes, every_n_epochs=every)
+    return callbacks.SegmentationEvalCallback(dataset, num_classes=spec.num_classes_for("segmentation"),
+                                              every_n_epochs=every)
   return callbacks.CocoEvalCallback(dataset, every_n_epochs=every, class_names=dataset_spec(config).class_names)
 
 

@@ -1,0 +1,272 @@
+"""Input pipeline end to end on tfreward_shapes/test (40 train / 10 validation, generated locally)."""
+
+import re
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfreward.data import pipeline
+from tfreward.data import shapes
+from tfreward.data import transforms
+from tfreward.ops import boxes as box_ops
+
+NAME = "tfreward_shapes/test"
+SIZE = (96, 128)  # The 128 x 128 images fit as 96 x 96: columns 96.. are padding.
+NUM_VALIDATION = 10
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  shapes.ensure_built(NAME, path)
+  return path
+
+
+def _build(data_dir, *, training, task="detection", **kwargs):
+  args = dict(dataset=NAME, task=task, split="train" if training else "validation", training=training,
+              image_size=SIZE, global_batch_size=4, max_instances=8, data_dir=data_dir, seed=7)
+  args.update(kwargs)
+  return pipeline.build_dataset(**args)
+
+
+def _concat(batches):
+  return {key: np.concatenate([labels[key] for _, labels in batches]) for key in batches[0][1]}
+
+
+def _raw_validation(data_dir):
+  """image/id -> (bbox [N, 4], label [N]) straight from TFDS."""
+  builder = shapes.ensure_built(NAME, data_dir)
+  return {int(ex["image/id"]): (ex["objects"]["bbox"], ex["objects"]["label"])
+          for ex in builder.as_dataset(split="validation").as_numpy_iterator()}
+
+
+def test_eval_detection_shapes_padding_and_geometry(data_dir):
+  ds = _build(data_dir, training=False)
+  images_spec, labels_spec = ds.element_spec
+  assert images_spec.shape == (4, *SIZE, 3) and images_spec.dtype == tf.uint8
+  assert {k: (tuple(v.shape), v.dtype) for k, v in labels_spec.items()} == {
+      "boxes": ((4, 8, 4), tf.float32), "classes": ((4, 8), tf.int32), "valid": ((4, 8), tf.bool),
+      "crowd": ((4, 8), tf.bool), "image_id": ((4,), tf.int64), "image_hw": ((4, 2), tf.int32),
+      "scale": ((4,), tf.float32), "example_valid": ((4,), tf.bool)}
+  batches = list(ds.as_numpy_iterator())
+  assert len(batches) == 3  # 10 examples in batches of 4: the last one has 2 dummies.
+  labels = _concat(batches)
+  np.testing.assert_array_equal(labels["example_valid"], [True] * 10 + [False] * 2)
+  raw = _raw_validation(data_dir)
+  assert sorted(labels["image_id"][:10].tolist()) == sorted(raw)
+  assert not labels["crowd"].any()
+  for i in range(10):
+    bbox, label = raw[int(labels["image_id"][i])]
+    n = len(label)
+    expected = transforms.original_boxes_to_canvas(bbox, (128, 128), 0.75, SIZE).numpy()
+    np.testing.assert_allclose(labels["boxes"][i, :n], expected, atol=1e-6)
+    np.testing.assert_array_equal(labels["classes"][i, :n], label)
+    assert labels["valid"][i, :n].all() and not labels["valid"][i, n:].any()
+    assert np.all(labels["classes"][i, n:] == -1) and np.all(labels["boxes"][i, n:] == 0)
+  np.testing.assert_array_equal(labels["image_hw"][:10], [[128, 128]] * 10)
+  np.testing.assert_allclose(labels["scale"][:10], 0.75)
+  # Dummy examples: all padding.
+  last_images = batches[-1][0]
+  assert np.all(last_images[2:] == 0) and np.all(labels["image_id"][10:] == -1)
+  assert np.all(labels["classes"][10:] == -1) and not labels["valid"][10:].any()
+  # Padded canvas columns are black in real examples too.
+  assert np.all(last_images[:2, :, 96:] == 0) and last_images[:2, :, :96].mean() > 10
+
+
+def test_eval_segmentation_mask_and_padding(data_dir):
+  ds = _build(data_dir, training=False, task="segmentation", global_batch_size=3)
+  assert set(ds.element_spec[1]) == {"mask", "image_id", "image_hw", "scale", "example_valid"}
+  batches = list(ds.as_numpy_iterator())
+  assert len(batches) == 4
+  labels = _concat(batches)
+  np.testing.assert_array_equal(labels["example_valid"], [True] * 10 + [False] * 2)
+  mask = labels["mask"]
+  assert mask.shape == (12, *SIZE) and mask.dtype == np.int32
+  assert np.all(mask[:, :, 96:] == 255) and np.all(mask[10:] == 255)
+  assert set(np.unique(mask[:10, :, :96])) <= set(range(7)) and (mask[:10, :, :96] > 0).any()
+
+
+def test_max_examples(data_dir):
+  labels = _concat(list(_build(data_dir, training=False, max_examples=5).as_numpy_iterator()))
+  np.testing.assert_array_equal(labels["example_valid"], [True] * 5 + [False] * 3)
+
+
+def _train_pairs(data_dir, seed, steps=3, **kwargs):
+  """Detection and segmentation batches of the same seed: the same examples with the same augmentation."""
+  det = list(_build(data_dir, training=True, seed=seed, **kwargs).take(steps).as_numpy_iterator())
+  seg = list(_build(data_dir, training=True, task="segmentation", seed=seed, **kwargs).take(steps)
+             .as_numpy_iterator())
+  return det, seg
+
+
+@pytest.mark.parametrize("scale_range", [(0.8, 1.25), (1.5, 2.0)])
+def test_training_boxes_follow_flip_and_scale_jitter(data_dir, scale_range):
+  det, seg = _train_pairs(data_dir, seed=11, scale_range=scale_range)
+  for (det_images, d), (seg_images, s) in zip(det, seg):
+    np.testing.assert_array_equal(det_images, seg_images)
+    np.testing.assert_array_equal(d["image_id"], s["image_id"])
+    assert det_images.shape == (4, *SIZE, 3) and d["boxes"].shape == (4, 8, 4)
+    assert d["boxes"].min() >= 0.0 and d["boxes"].max() <= 1.0 and np.all(np.isfinite(d["boxes"]))
+    assert d["example_valid"].all() and "crowd" not in d
+    for i in range(4):
+      valid = d["valid"][i]
+      assert np.all(d["classes"][i][~valid] == -1) and np.all(d["boxes"][i][~valid] == 0)
+      assert np.all(box_ops.box_area(d["boxes"][i][valid]).numpy() > 0)
+      pixels = d["boxes"][i][valid] * np.array([*SIZE, *SIZE])
+      classes = d["classes"][i][valid]
+      for c in range(shapes.NUM_CLASSES):  # Every pixel of class c lies in some box of class c.
+        ys, xs = np.nonzero(s["mask"][i] == c + 1)
+        if ys.size == 0:
+          continue
+        boxes_c = pixels[classes == c]
+        assert boxes_c.size, f"class {c} has mask pixels but no box"
+        cy, cx = ys[:, None] + 0.5, xs[:, None] + 0.5
+        inside = ((cy >= boxes_c[:, 0] - 1e-3) & (cy <= boxes_c[:, 2] + 1e-3) &
+                  (cx >= boxes_c[:, 1] - 1e-3) & (cx <= boxes_c[:, 3] + 1e-3)).any(axis=1)
+        assert inside.all()
+
+
+def test_training_is_seeded(data_dir):
+  a = next(_build(data_dir, training=True, seed=5).as_numpy_iterator())
+  b = next(_build(data_dir, training=True, seed=5).as_numpy_iterator())
+  c = next(_build(data_dir, training=True, seed=6).as_numpy_iterator())
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1]["boxes"], b[1]["boxes"])
+  assert not np.array_equal(a[0], c[0])
+
+
+def test_training_flip_mirrors_boxes(data_dir):
+  # Without scale jitter (scale exactly the fit scale) a flipped example's boxes are mirrored inside the
+  # 96 x 96 image area; compare with the unflipped pipeline of the same seed.
+  plain = list(_build(data_dir, training=True, hflip=False, scale_range=(1.0, 1.0), seed=3).take(5)
+               .as_numpy_iterator())
+  flip = list(_build(data_dir, training=True, hflip=True, scale_range=(1.0, 1.0), seed=3).take(5)
+              .as_numpy_iterator())
+  image_w = 96 / SIZE[1]
+  mirrored = same = 0
+  for (pi, p), (fi, f) in zip(plain, flip):
+    np.testing.assert_array_equal(p["image_id"], f["image_id"])
+    for i in range(4):
+      v = p["valid"][i]
+      pb, fb = p["boxes"][i][v], f["boxes"][i][v]
+      np.testing.assert_array_equal(p["classes"][i], f["classes"][i])
+      if np.allclose(pb, fb, atol=1e-6):
+        same += 1
+        np.testing.assert_array_equal(pi[i], fi[i])
+      else:
+        np.testing.assert_allclose(fb[:, [0, 2]], pb[:, [0, 2]], atol=1e-5)
+        np.testing.assert_allclose(fb[:, 1], image_w - pb[:, 3], atol=1e-5)
+        np.testing.assert_allclose(fb[:, 3], image_w - pb[:, 1], atol=1e-5)
+        assert np.abs(fi[i][:, :96].astype(int) - pi[i][:, 95::-1]).max() <= 1
+        mirrored += 1
+  assert mirrored > 0 and same > 0
+
+
+def test_batches_compile_with_xla(data_dir):
+  images, labels = next(_build(data_dir, training=True).as_numpy_iterator())
+
+  def summary(images, boxes, valid):
+    area = tf.reduce_sum(tf.where(valid, box_ops.box_area(boxes), 0.0), axis=1)  # [B]
+    return area + tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2, 3])
+
+  eager = summary(images, labels["boxes"], labels["valid"])
+  xla = tf.function(summary, jit_compile=True)(images, labels["boxes"], labels["valid"])
+  np.testing.assert_allclose(xla.numpy(), eager.numpy(), rtol=1e-5)
+  assert np.all(np.isfinite(xla.numpy()))
+
+
+def test_distributed_per_replica_batches(data_dir, two_replica_strategy):
+  strategy = two_replica_strategy
+  train = pipeline.distributed_dataset(
+      strategy, dataset=NAME, task="detection", split="train", training=True, image_size=SIZE,
+      global_batch_size=4, max_instances=8, data_dir=data_dir, seed=1)
+  images, labels = next(iter(train))
+  for part in strategy.experimental_local_results(images):
+    assert part.shape == (2, *SIZE, 3)
+  for part in strategy.experimental_local_results(labels["boxes"]):
+    assert part.shape == (2, 8, 4)
+  evaluation = pipeline.distributed_dataset(
+      strategy, dataset=NAME, task="detection", split="validation", training=False, image_size=SIZE,
+      global_batch_size=4, max_instances=8, data_dir=data_dir)
+  ids, valid, steps = [], [], 0
+  for _, labels in evaluation:
+    steps += 1
+    for part_ids, part_valid in zip(strategy.experimental_local_results(labels["image_id"]),
+                                    strategy.experimental_local_results(labels["example_valid"])):
+      assert part_ids.shape == (2,)  # Every replica gets a full batch, also in the last step.
+      ids += part_ids.numpy().tolist()
+      valid += part_valid.numpy().tolist()
+  assert steps == 3 and sum(valid) == NUM_VALIDATION
+  assert valid[8:10] == [True, True] and valid[10:] == [False, False]  # Replica 2's last batch: all padding.
+  ids = [i for i, v in zip(ids, valid) if v]
+  assert sorted(ids) == sorted(_raw_validation(data_dir))
+
+
+def test_several_input_pipelines_partition_the_data(data_dir):
+  contexts = [tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=p, num_replicas_in_sync=2)
+              for p in range(2)]
+  evals = [list(_build(data_dir, training=False, global_batch_size=6, input_context=c).as_numpy_iterator())
+           for c in contexts]
+  assert len(evals[0]) == len(evals[1]) == 2  # ceil(10 / 6) global batches, one per-replica batch each.
+  labels = [_concat(e) for e in evals]
+  assert labels[0]["image_id"].shape == (6,)
+  ids = np.concatenate([l["image_id"][l["example_valid"]] for l in labels])
+  assert sorted(ids.tolist()) == sorted(_raw_validation(data_dir))
+  # Training: the two shards of the 40 examples are disjoint.
+  seen = []
+  for c in contexts:
+    batches = list(_build(data_dir, training=True, global_batch_size=4, input_context=c).take(5)
+                   .as_numpy_iterator())
+    seen.append(set(np.concatenate([b[1]["image_id"] for b in batches]).tolist()))
+    assert batches[0][0].shape == (2, *SIZE, 3)
+  assert not seen[0] & seen[1] and len(seen[0]) >= 8
+
+
+def test_specs():
+  spec = pipeline.dataset_spec("tfreward_shapes/256")
+  assert spec.class_names == shapes.CLASS_NAMES and spec.num_classes == 6
+  assert spec.num_classes_for("detection") == 6 and spec.num_classes_for("segmentation") == 7
+  assert spec.segmentation_class_names[0] == "background" and spec.ignore_index == 255
+  with pytest.raises(ValueError, match="classification"):
+    spec.num_classes_for("classification")
+
+
+def test_unknown_dataset_lists_the_known_ones():
+  with pytest.raises(ValueError, match=r"unknown dataset 'mnist'; known datasets: .*coco/2017.*cityscapes"):
+    pipeline.build_dataset(dataset="mnist", task="detection", split="train", training=True, image_size=(8, 8),
+                           global_batch_size=2)
+  with pytest.raises(ValueError, match="unknown dataset"):
+    pipeline.dataset_spec("voc/2007")
+
+
+@pytest.mark.parametrize("image_size", [(0, 8), (8,), (8.0, 8), (True, 8), 8, (8, 8, 8), (-4, 8)])
+def test_bad_image_size(image_size):
+  message = "image_size must be two positive integers.*" + re.escape(repr(image_size))
+  with pytest.raises(ValueError, match=message):
+    pipeline.build_dataset(dataset=NAME, task="detection", split="train", training=True, image_size=image_size,
+                           global_batch_size=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(task="classification"), "task must be one of"),
+    (dict(global_batch_size=0), "global_batch_size must be a positive integer, got 0"),
+    (dict(max_instances=-1), "max_instances must be a positive integer, got -1"),
+    (dict(max_examples=0), "max_examples must be None or a positive integer, got 0"),
+    (dict(scale_range=(1.2, 0.8)), r"scale_range must be \(min, max\) with 0 < min <= max, got \(1.2, 0.8\)"),
+    (dict(global_batch_size=3, input_context=tf.distribute.InputContext(1, 0, 2)),
+     "global_batch_size 3 is not divisible by the 2 replicas"),
+])
+def test_bad_arguments(kwargs, message):
+  args = dict(dataset=NAME, task="detection", split="train", training=True, image_size=(8, 8),
+              global_batch_size=2)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=message):
+    pipeline.build_dataset(**args)
+
+
+def test_distributed_batch_not_divisible(data_dir, two_replica_strategy):
+  with pytest.raises(ValueError, match="global_batch_size 5 is not divisible by the 2 replicas"):
+    pipeline.distributed_dataset(two_replica_strategy, dataset=NAME, task="detection", split="train",
+                                 training=True, image_size=SIZE, global_batch_size=5, data_dir=data_dir)
+  with pytest.raises(ValueError, match="input_context"):
+    pipeline.distributed_dataset(two_replica_strategy, dataset=NAME, input_context=None)
