@@ -1,0 +1,207 @@
+"""Tests for tfreward.export.saved_model: export tiny models, then serve them from a fresh TensorFlow-only process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfreward.export import saved_model
+
+# Runs in a fresh interpreter where keras, tf_keras and tfreward cannot be imported (TensorFlow only); prints the
+# outputs of every signature as JSON.
+SERVE_SCRIPT = r"""
+import json, sys
+for blocked in ("keras", "tf_keras", "tfreward"):
+  sys.modules[blocked] = None  # any import of them now fails
+import tensorflow as tf
+
+spec = json.loads(sys.argv[1])
+encoded = tf.stack([tf.io.read_file(p) for p in spec["encoded"]])
+images = tf.stack([tf.io.decode_png(tf.io.read_file(p), channels=3) for p in spec["images"]])
+results = {}
+for name, export_dir in spec["exports"].items():
+  loaded = tf.saved_model.load(export_dir)
+
+  def run(signature, **inputs):
+    return {k: v.numpy().tolist() for k, v in loaded.signatures[signature](**inputs).items()}
+
+  result = {
+      "signatures": sorted(loaded.signatures.keys()),
+      "serving_default": run("serving_default", encoded_images=encoded),
+      "serve_encoded": run("serve_encoded", encoded_images=encoded),
+      "serve_images": run("serve_images", images=images),
+      "empty": run("serve_encoded", encoded_images=tf.zeros([0], tf.string)),
+  }
+  try:
+    run("serve_encoded", encoded_images=tf.stack([tf.io.read_file(spec["too_big"])]))
+    result["too_big"] = "accepted"
+  except tf.errors.InvalidArgumentError:
+    result["too_big"] = "rejected"
+  results[name] = result
+print(json.dumps(results))
+"""
+
+
+class BrightBoxDetector(keras.Model):
+  """Detection model of the contract: detection 0 is the bounding box of the bright pixels (class 1, score
+  0.5 + score_offset), detection 1 the whole canvas (class 0, 0.25 + score_offset), slot 2 padding (class 3, 0.7)."""
+
+  def __init__(self, image_size=(32, 32), **kwargs):
+    super().__init__(**kwargs)
+    self.image_size = tuple(image_size)
+    self.score_offset = self.add_weight(shape=(), initializer="zeros", name="score_offset")
+
+  def call(self, images):
+    return self.detect(images)["scores"]
+
+  def detect(self, images):
+    height, width = self.image_size
+    bright = tf.reduce_mean(tf.cast(images, tf.float32), axis=-1) > 127.5  # [B, H, W]
+
+    def span(mask, size):  # [B, size] -> first and one-past-last True index, normalised
+      first = tf.argmax(tf.cast(mask, tf.int32), axis=1, output_type=tf.int32)
+      last = size - tf.argmax(tf.cast(mask[:, ::-1], tf.int32), axis=1, output_type=tf.int32)
+      return tf.cast(first, tf.float32) / size, tf.cast(last, tf.float32) / size
+
+    y0, y1 = span(tf.reduce_any(bright, axis=2), height)
+    x0, x1 = span(tf.reduce_any(bright, axis=1), width)
+    batch = tf.shape(images)[0]
+    boxes = tf.stack([tf.stack([y0, x0, y1, x1], -1),
+                      tf.tile([[0.0, 0.0, 1.0, 1.0]], [batch, 1]),
+                      tf.tile([[0.5, 0.5, 1.0, 1.0]], [batch, 1])], axis=1)  # [B, 3, 4]
+    scores = tf.tile([[0.5, 0.25, 0.7]], [batch, 1]) + tf.constant([1.0, 1.0, 0.0]) * self.score_offset
+    classes = tf.tile(tf.constant([[1, 0, 3]], tf.int32), [batch, 1])
+    return {"boxes": boxes, "scores": scores, "classes": classes, "num_detections": tf.fill([batch], 2)}
+
+
+class BrightSegmenter(keras.Model):
+  """Segmentation model of the contract: class 1 where the pixel mean exceeds `threshold`."""
+
+  def __init__(self, image_size=(32, 32), **kwargs):
+    super().__init__(**kwargs)
+    self.image_size = tuple(image_size)
+    self.threshold = self.add_weight(shape=(), initializer=keras.initializers.Constant(127.5), name="threshold")
+
+  def call(self, images):
+    return self.segment(images)["logits"]
+
+  def segment(self, images):
+    foreground = tf.reduce_mean(tf.cast(images, tf.float32), axis=-1) - self.threshold  # [B, H, W]
+    return {"logits": tf.stack([-foreground, foreground], -1), "labels": tf.cast(foreground > 0, tf.int32)}
+
+
+def rectangle_image(hw, rect):
+  image = np.zeros([*hw, 3], np.uint8)
+  y0, x0, y1, x1 = rect
+  image[y0:y1, x0:x1] = 255
+  return image
+
+
+# Canvas 32x32. A: 64x128 landscape (scale 1/4), B: 96x48 portrait (scale 1/3), C: 64x128. The rectangles sit on the
+# resize grid, so the boxes mapped back to original pixels are exact.
+RECT_A, RECT_B, RECT_C = (8, 32, 24, 96), (30, 12, 60, 36), (16, 0, 48, 64)
+IMAGE_A = rectangle_image((64, 128), RECT_A)
+IMAGE_B = rectangle_image((96, 48), RECT_B)
+IMAGE_C = rectangle_image((64, 128), RECT_C)
+
+
+def write_inputs(tmp_path):
+  files = {"a.png": tf.io.encode_png(IMAGE_A), "b.jpg": tf.io.encode_jpeg(IMAGE_B, quality=100),
+           "c.png": tf.io.encode_png(IMAGE_C), "big.png": tf.io.encode_png(np.zeros([64, 256, 3], np.uint8))}
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data.numpy())
+  return {"encoded": [str(tmp_path / "a.png"), str(tmp_path / "b.jpg")],
+          "images": [str(tmp_path / "a.png"), str(tmp_path / "c.png")], "too_big": str(tmp_path / "big.png")}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+  """Exports a detector and a segmenter, then serves both from one fresh TensorFlow-only process."""
+  tmp_path = tmp_path_factory.mktemp("export")
+  detector = BrightBoxDetector()
+  detector.score_offset.assign(0.125)  # the exported scores must show the trained value
+  saved_model.export_saved_model(detector, tmp_path / "detector", max_image_size=200)
+  saved_model.export_saved_model(BrightSegmenter(), tmp_path / "segmenter", max_image_size=200)
+  spec = write_inputs(tmp_path)
+  spec["exports"] = {"detector": str(tmp_path / "detector"), "segmenter": str(tmp_path / "segmenter")}
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, json.dumps(spec)],
+                        capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_detection_export_serves_original_pixels(served):
+  out = served["detector"]
+  assert out["signatures"] == ["serve_encoded", "serve_images", "serving_default"]
+  assert out["too_big"] == "rejected"
+  expected = {
+      "serve_encoded": ([64, 128], [96, 48], RECT_A, RECT_B),
+      "serve_images": ([64, 128], [64, 128], RECT_A, RECT_C),
+  }
+  for signature in ("serving_default", "serve_encoded", "serve_images"):
+    hw_0, hw_1, rect_0, rect_1 = expected["serve_encoded" if signature == "serving_default" else signature]
+    result = out[signature]
+    assert result["image_hw"] == [hw_0, hw_1]
+    assert result["num_detections"] == [2, 2]
+    np.testing.assert_allclose(result["scores"], [[0.625, 0.375, 0.0]] * 2)
+    assert result["classes"] == [[1, 0, -1]] * 2
+    boxes = np.array(result["boxes"])  # [2, 3, 4] yxyx pixels
+    assert boxes.shape == (2, 3, 4)
+    # Detection 0: the rectangle in original pixels. Detection 1: the whole canvas, clipped to the image.
+    np.testing.assert_allclose(boxes[:, 0], [rect_0, rect_1], atol=1e-3)
+    np.testing.assert_allclose(boxes[:, 1], [[0, 0, *hw_0], [0, 0, *hw_1]], atol=1e-3)
+    np.testing.assert_array_equal(boxes[:, 2], 0.0)  # padding
+  empty = out["empty"]
+  assert np.array(empty["boxes"]).size == 0 and empty["num_detections"] == [] and empty["image_hw"] == []
+
+
+def test_segmentation_export_serves_original_size_labels(served):
+  out = served["segmenter"]
+  assert out["signatures"] == ["serve_encoded", "serve_images", "serving_default"]
+  assert out["too_big"] == "rejected"
+  masks = {name: (image[..., 0] > 127).astype(np.int32) for name, image in
+           (("a", IMAGE_A), ("b", IMAGE_B), ("c", IMAGE_C))}
+  for signature in ("serving_default", "serve_encoded"):
+    labels = np.array(out[signature]["labels"])
+    assert out[signature]["image_hw"] == [[64, 128], [96, 48]]
+    assert labels.shape == (2, 96, 128)  # varied sizes: padded with -1 to the largest height and width
+    np.testing.assert_array_equal(labels[0, :64, :128], masks["a"])
+    np.testing.assert_array_equal(labels[0, 64:], -1)
+    np.testing.assert_array_equal(labels[1, :96, :48], masks["b"])
+    np.testing.assert_array_equal(labels[1, :, 48:], -1)
+  labels = np.array(out["serve_images"]["labels"])
+  assert labels.shape == (2, 64, 128)
+  np.testing.assert_array_equal(labels, np.stack([masks["a"], masks["c"]]))
+  assert np.array(out["empty"]["labels"]).size == 0
+
+
+def test_labels_to_original_nearest_neighbour_on_an_inexact_scale():
+  # 5x7 image on a 4x4 canvas: scale 4/7, resized 3x4 (rounded). Every original pixel takes the canvas label under
+  # its centre, and the canvas padding is never sampled.
+  canvas = tf.constant(np.arange(16, dtype=np.int32).reshape(1, 4, 4))
+  scale = tf.constant([4.0 / 7.0])
+  out = saved_model._labels_to_original(canvas, scale, tf.constant([[5, 7]]), (4, 4)).numpy()[0]
+  rows = np.minimum(np.floor((np.arange(5) + 0.5) * 3 / 5), 2).astype(int)
+  cols = np.minimum(np.floor((np.arange(7) + 0.5) * 4 / 7), 3).astype(int)
+  np.testing.assert_array_equal(out, canvas.numpy()[0][rows][:, cols])
+  assert out.max() < 12  # row 3 of the canvas is padding
+
+
+def test_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="exactly one of detect"):
+    saved_model.export_saved_model(keras.Sequential([keras.layers.Dense(1)]), tmp_path / "x")
+  with pytest.raises(ValueError, match="task"):
+    saved_model.export_saved_model(BrightBoxDetector(), tmp_path / "x", task="panoptic")
+  with pytest.raises(ValueError, match="max_image_size"):
+    saved_model.export_saved_model(BrightBoxDetector(), tmp_path / "x", max_image_size=0)
+  model = BrightBoxDetector()
+  model.image_size = (32, 0)
+  with pytest.raises(ValueError, match="image_size"):
+    saved_model.export_saved_model(model, tmp_path / "x")
+  assert not (tmp_path / "x").exists()
