@@ -10,6 +10,7 @@ Errors a user can fix (a bad config key, a missing dataset) print one line and e
 """
 
 import argparse
+import logging
 import os
 import sys
 
@@ -86,6 +87,7 @@ def _run(args):
 def main(argv=None):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   args = _parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
   from tfreward.errors import UserError
   try:
     _run(args)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 
 import keras
 import tensorflow as tf
@@ -143,6 +144,8 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
       keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
       *callbacks,
   ]
+  # Our datasets shuffle themselves; Keras warns about its own `shuffle` default for every tf.data input.
+  warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
   history = model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=config.train.steps_per_epoch,
                       callbacks=all_callbacks, verbose=verbose)
   model.save_weights(os.path.join(model_dir, FINAL_WEIGHTS))
