@@ -22,6 +22,7 @@ class Family:
 _BUILTIN = {
     # name: (module, options class, task)
     "toy_detector": ("tfreward.models.toy_detector", "ToyDetectorOptions", "detection"),
+    "yolox": ("tfreward.models.yolox", "YoloxOptions", "detection"),
 }
 _REGISTERED = {}
 
