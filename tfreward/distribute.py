@@ -34,12 +34,21 @@ def split_cpu(num_devices=2):
           f"device(s); call split_cpu({num_devices}) before any TensorFlow op runs.") from None
 
 
+_MIRRORED_CPU = {}
+
+
 def mirrored_cpu_strategy(num_replicas=2):
-  """A MirroredStrategy over the first `num_replicas` logical CPU devices (see `split_cpu`)."""
-  cpus = tf.config.list_logical_devices("CPU")
-  if len(cpus) < num_replicas:
-    raise RuntimeError(f"Need {num_replicas} logical CPU devices, have {len(cpus)}: call split_cpu first.")
-  return tf.distribute.MirroredStrategy([d.name for d in cpus[:num_replicas]])
+  """The MirroredStrategy over the first `num_replicas` logical CPU devices (see `split_cpu`).
+
+  One instance per process and replica count: several MirroredStrategy objects over the same devices number their
+  collective ops independently, and their all-reduces then collide ("Shape mismatch in the collective instance").
+  """
+  if num_replicas not in _MIRRORED_CPU:
+    cpus = tf.config.list_logical_devices("CPU")
+    if len(cpus) < num_replicas:
+      raise RuntimeError(f"Need {num_replicas} logical CPU devices, have {len(cpus)}: call split_cpu first.")
+    _MIRRORED_CPU[num_replicas] = tf.distribute.MirroredStrategy([d.name for d in cpus[:num_replicas]])
+  return _MIRRORED_CPU[num_replicas]
 
 
 def _tpu_strategy(tpu_address):
