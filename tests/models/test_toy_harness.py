@@ -100,3 +100,19 @@ def test_detect_compiles_with_xla():
   compiled = tf.function(model.detect, jit_compile=True)(images)
   for k in eager:
     np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_bfloat16_step_runs():
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = ToyDetector(num_classes=3, num_slots=4, width=8, image_size=IMAGE_SIZE)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=True)
+    model.build_for_training()
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  assert model.convs[0].compute_dtype == "bfloat16" and model.convs[0].kernel.dtype == "float32"
+  images, labels = _batch(8)
+  logs = model.train_on_batch(images, labels, return_dict=True)
+  assert all(np.isfinite(v) for v in logs.values())
+  assert model.detect(tf.constant(images))["boxes"].dtype == tf.float32

@@ -86,19 +86,19 @@ class TaskModel(keras.Model):
     return {name: tracker.result() for name, tracker in self._trackers.items()}
 
   def train_step(self, data):
-    images, labels = data
+    images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
     grads, total, terms = self.compute_gradients(images, labels)
     grads = self.clip_gradients(grads)
     self.optimizer.apply(grads, self.trainable_variables)
     return self._log(total, terms)
 
   def test_step(self, data):
-    images, labels = data
+    images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
     terms = self.compute_losses(images, labels, training=False)
     return self._log(self.total_loss(terms), terms)
 
   def predict_step(self, data):
-    images = data[0] if isinstance(data, (tuple, list)) else data
+    images, _, _ = keras.utils.unpack_x_y_sample_weight(data)
     if hasattr(self, "segment"):
       return self.segment(images)
     return self.detect(images)
