@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tfreward import distribute
 from tfreward.models.toy_detector import ToyDetector
+from tfreward.testing import assert_replicas_match_single
 
 IMAGE_SIZE = (32, 32)
 
@@ -28,39 +29,15 @@ def _model(clip_norm=None):
   return model
 
 
-def _split(strategy, images, labels):
-  half = images.shape[0] // 2
-  parts = [(images[:half], {k: v[:half] for k, v in labels.items()}),
-           (images[half:], {k: v[half:] for k, v in labels.items()})]
-  return strategy.experimental_distribute_values_from_function(lambda ctx: parts[ctx.replica_id_in_sync_group])
-
-
 @pytest.mark.parametrize("clip_norm", [None, 0.05])
 def test_two_replicas_equal_one_replica(two_replica_strategy, clip_norm):
   images, labels = _batch()
   single = _model(clip_norm)
   with two_replica_strategy.scope():
     mirrored = _model(clip_norm)
-  mirrored.set_weights(single.get_weights())
-
-  grads, total, terms = single.compute_gradients(tf.constant(images), labels)
-  grads = single.clip_gradients(grads)
-
-  @tf.function
-  def replica_step(x, y):
-    g, t, parts = mirrored.compute_gradients(x, y)
-    return mirrored.clip_gradients(g), t, parts
-
-  per_replica = two_replica_strategy.run(replica_step, args=_split(two_replica_strategy, images, labels))
-  summed = two_replica_strategy.reduce("SUM", per_replica, axis=None)
-  g2, total2, terms2 = summed
-  np.testing.assert_allclose(total2, total, rtol=1e-5)
-  for k in terms:
-    np.testing.assert_allclose(terms2[k], terms[k], rtol=1e-5)
-  for a, b in zip(grads, g2):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  _, grads2 = assert_replicas_match_single(single, mirrored, two_replica_strategy, images, labels)
   if clip_norm:
-    assert float(tf.linalg.global_norm(g2)) == pytest.approx(clip_norm, rel=1e-4)
+    assert float(tf.linalg.global_norm(grads2)) == pytest.approx(clip_norm, rel=1e-4)
 
 
 def _fit(strategy, steps=2):
