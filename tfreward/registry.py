@@ -22,7 +22,10 @@ class Family:
 _BUILTIN = {
     # name: (module, options class, task)
     "toy_detector": ("tfreward.models.toy_detector", "ToyDetectorOptions", "detection"),
+    "pix2seq": ("tfreward.models.pix2seq", "Pix2SeqOptions", "detection"),
     "yolox": ("tfreward.models.yolox", "YoloxOptions", "detection"),
+    "retinanet": ("tfreward.models.retinanet", "RetinaNetOptions", "detection"),
+    "group_detr": ("tfreward.models.conditional_detr", "GroupDetrOptions", "detection"),
 }
 _REGISTERED = {}
 
