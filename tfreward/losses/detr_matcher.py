@@ -1,0 +1,65 @@
+"""Group-wise Hungarian matching for (Group) DETR: the matching cost and one exact assignment per group.
+
+The predictions of a Group DETR decoder are G groups of Q queries concatenated on the query axis (group g holds
+queries g*Q ... g*Q+Q-1). Every group is matched to the ground truth on its own, one-to-one, so each object gets
+G positive queries, one per group. With G = 1 this is the plain DETR matcher.
+"""
+
+import tensorflow as tf
+
+from tfreward.losses import focal
+from tfreward.ops import boxes as box_ops
+from tfreward.ops import matching
+
+
+def matching_cost(pred_logits, pred_boxes, gt_boxes, gt_classes, *, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0,
+                  focal_alpha=0.25, focal_gamma=2.0):
+  """DETR matching cost of every (target, query) pair: `cost_bbox * L1 + cost_class * focal - cost_giou * GIoU`.
+
+  Args:
+    pred_logits: [B, N, C] float class logits (sigmoid classification, no "no-object" logit).
+    pred_boxes: [B, N, 4] float, normalised cxcywh.
+    gt_boxes: [B, T, 4] float32, normalised cxcywh (padding slots may hold anything finite).
+    gt_classes: [B, T] int32 in [0, C) (padding slots are clipped into range).
+    cost_class, cost_bbox, cost_giou: float weights. Defaults to 2.0, 5.0, 2.0.
+    focal_alpha, focal_gamma: float focal cost parameters. Defaults to 0.25, 2.0.
+
+  Returns:
+    [B, T, N] float32 cost, rows are targets and columns queries. No gradient flows through it.
+  """
+  pred_logits = tf.stop_gradient(tf.cast(pred_logits, tf.float32))
+  pred_boxes = tf.stop_gradient(tf.cast(pred_boxes, tf.float32))
+  gt_boxes = tf.cast(gt_boxes, tf.float32)
+  num_classes = pred_logits.shape[-1]
+  class_cost = focal.focal_class_cost(pred_logits, alpha=focal_alpha, gamma=focal_gamma)  # [B, N, C]
+  classes = tf.clip_by_value(tf.cast(gt_classes, tf.int32), 0, num_classes - 1)
+  class_cost = tf.gather(tf.transpose(class_cost, [0, 2, 1]), classes, batch_dims=1)  # [B, T, N]
+  l1_cost = tf.reduce_sum(tf.abs(gt_boxes[:, :, None, :] - pred_boxes[:, None, :, :]), axis=-1)  # [B, T, N]
+  giou = box_ops.pairwise_giou(box_ops.cxcywh_to_xyxy(gt_boxes), box_ops.cxcywh_to_xyxy(pred_boxes))  # [B, T, N]
+  return cost_bbox * l1_cost + cost_class * class_cost - cost_giou * giou
+
+
+def group_match(cost, gt_valid, *, num_groups):
+  """One exact minimum-cost matching per image and group.
+
+  Args:
+    cost: [B, T, G*Q] float32 from `matching_cost`; T <= Q.
+    gt_valid: [B, T] bool, False for padding targets.
+    num_groups: int G >= 1; the query axis is G consecutive blocks of Q queries.
+
+  Returns:
+    query_index_for_target: [B, G, T] int32, for each target the query matched to it in each group as a global
+      index in [g*Q, (g+1)*Q); -1 for padding targets.
+    match_cost: [B, G] float32, the total cost of each group's matching (0 without targets).
+  """
+  num_targets, num_queries_total = cost.shape[-2], cost.shape[-1]
+  num_queries = num_queries_total // num_groups
+  cost = tf.reshape(cost, [-1, num_targets, num_groups, num_queries])  # [B, T, G, Q]
+  cost = tf.transpose(cost, [0, 2, 1, 3])  # [B, G, T, Q]
+  valid = tf.broadcast_to(gt_valid[:, None, :], tf.shape(cost)[:3])  # [B, G, T]
+  local = matching.linear_sum_assignment(cost, valid)  # [B, G, T]
+  safe_local = tf.maximum(local, 0)
+  pair_cost = tf.gather(cost, safe_local[..., None], batch_dims=3)[..., 0]  # [B, G, T]
+  match_cost = tf.reduce_sum(tf.where(valid, pair_cost, 0.0), axis=-1)
+  offsets = tf.range(num_groups, dtype=tf.int32)[:, None] * num_queries  # [G, 1]
+  return tf.where(valid, local + offsets, -1), match_cost
