@@ -103,6 +103,13 @@ class TaskModel(keras.Model):
       return self.segment(images)
     return self.detect(images)
 
+  def recipe_callbacks(self, existing=()):
+    """Callbacks the family's training recipe needs (e.g. weight EMA), not already in `existing`.
+
+    The trainer puts them before every other callback, so evaluation and checkpoints see their effect.
+    """
+    return []
+
   def build_for_training(self, optimizer=None):
     """Creates every variable (model and optimizer) from a dummy batch, inside the strategy scope.
 

@@ -134,9 +134,10 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
     logging.info("Initialised weights from %s", config.train.init_checkpoint)
   _write_config(config, model_dir)
 
-  all_callbacks = []
-  if evaluate:
-    all_callbacks.append(eval_callback(config, model_dir))
+  all_callbacks = list(model.recipe_callbacks(callbacks))  # e.g. EMA: before evaluation and checkpoints
+  evaluator = eval_callback(config, model_dir) if evaluate else None
+  if evaluator is not None:
+    all_callbacks.append(evaluator)
   all_callbacks += [
       keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
       keras.callbacks.ModelCheckpoint(os.path.join(model_dir, LATEST_WEIGHTS), save_weights_only=True,
@@ -151,7 +152,7 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
   model.save_weights(os.path.join(model_dir, FINAL_WEIGHTS))
   metrics = {}
   if evaluate:
-    metrics = {k: float(v) for k, v in all_callbacks[0].last_results.items()}
+    metrics = {k: float(v) for k, v in evaluator.last_results.items()}
     with open(os.path.join(model_dir, "metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
   return TrainResult(model=model, history=history.history, metrics=metrics)
