@@ -1,0 +1,319 @@
+"""Group DETR on Conditional DETR: layers, group isolation, XLA train step, 1 replica = 2, bfloat16, empty images,
+the max_instances > num_queries error, the backbone learning-rate multiplier, detect, configs."""
+
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfreward import config as config_lib
+from tfreward import distribute, registry
+from tfreward.config import ConfigError
+from tfreward.models import conditional_detr, detr_layers
+from tfreward.models.conditional_detr import ConditionalDetr
+
+IMAGE_SIZE = (64, 64)
+NUM_CLASSES = 3
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = dict(num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, backbone="small_cnn", backbone_width=8,
+            backbone_stages=3, hidden_dim=16, num_heads=2, encoder_layers=1, decoder_layers=2, ffn_dim=32,
+            dropout=0.0, num_queries=6, num_groups=3)
+
+
+def _model(**kwargs):
+  model = ConditionalDetr(**{**TINY, **kwargs})
+  model.build_for_training()
+  return model
+
+
+def _batch(n=4, seed=0, max_instances=5):
+  """Images 0..255 and labels; image 0 has no object, image 1 two, the others up to `max_instances`."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 255, (n, *IMAGE_SIZE, 3)).astype(np.uint8)
+  lo = rng.uniform(0.0, 0.6, (n, max_instances, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0.05, 0.4, (n, max_instances, 2))], -1).astype(np.float32)
+  counts = rng.integers(1, max_instances + 1, n)
+  counts[0], counts[1 % n] = 0, min(2, max_instances)
+  valid = np.arange(max_instances)[None] < counts[:, None]
+  classes = np.where(valid, rng.integers(0, NUM_CLASSES, (n, max_instances)), -1).astype(np.int32)
+  return images, {"boxes": boxes * valid[..., None], "classes": classes, "valid": valid}
+
+
+def _empty(labels):
+  return {"boxes": np.zeros_like(labels["boxes"]), "classes": np.full_like(labels["classes"], -1),
+          "valid": np.zeros_like(labels["valid"])}
+
+
+def _finite(tree):
+  return all(np.all(np.isfinite(np.asarray(x))) for x in tf.nest.flatten(tree) if x is not None)
+
+
+def _split(strategy, images, labels):
+  half = images.shape[0] // 2
+  parts = [(images[:half], {k: v[:half] for k, v in labels.items()}),
+           (images[half:], {k: v[half:] for k, v in labels.items()})]
+  return strategy.experimental_distribute_values_from_function(lambda ctx: parts[ctx.replica_id_in_sync_group])
+
+
+# === Layers ===
+
+
+def test_sine_embeddings():
+  dim = 8
+  embed = detr_layers.sine_embed_for_position(tf.constant([[0.25, 0.5]]), dim).numpy()[0]  # (x, y)
+  freqs = 10000.0 ** (2 * (np.arange(dim // 2) // 2) / (dim // 2))
+
+  def expected(coord):
+    angles = coord * 2 * np.pi / freqs
+    return np.where(np.arange(dim // 2) % 2 == 0, np.sin(angles), np.cos(angles))
+
+  np.testing.assert_allclose(embed, np.concatenate([expected(0.5), expected(0.25)]), atol=1e-6)
+  grid = detr_layers.sine_position_encoding(2, 4, dim).numpy()  # [h * w, D], row-major
+  assert grid.shape == (8, dim)
+  centre = detr_layers.sine_embed_for_position(tf.constant([[(2 + 0.5) / 4, (1 + 0.5) / 2]]), dim).numpy()[0]
+  np.testing.assert_allclose(grid[1 * 4 + 2], centre, atol=1e-6)
+  with pytest.raises(ValueError, match="7"):
+    detr_layers.sine_embed_for_position(tf.zeros([1, 2]), 7)
+  logits = detr_layers.inverse_sigmoid(tf.constant([0.0, 0.5, 1.0, 0.25])).numpy()
+  assert np.all(np.isfinite(logits)) and logits[1] == 0.0
+  np.testing.assert_allclose(logits[3], math.log(1 / 3), rtol=1e-5)
+
+
+def test_outputs_initialisation_and_group_isolation():
+  model = _model()
+  images = tf.constant(_batch(2)[0])
+  train = model(images, training=True)
+  infer = model(images, training=False)
+  assert train["logits"].shape == (2, 2, 18, NUM_CLASSES) and train["boxes"].shape == (2, 2, 18, 4)
+  assert infer["logits"].shape == (2, 2, 6, NUM_CLASSES) and infer["logits"].dtype == tf.float32
+  # Focal prior: every score starts at 0.01 exactly (the class head's bias; its kernel is random).
+  prior = -math.log((1 - 0.01) / 0.01)
+  np.testing.assert_allclose(model.class_head.bias.numpy(), prior, rtol=1e-6)
+  # Zero-initialised box offsets: every layer predicts the reference point with w = h = 0.5.
+  _, reference = model.decoder(tf.zeros([1, 4, 16]), detr_layers.sine_position_encoding(2, 2, 16),
+                               model.query_embed[:6])
+  np.testing.assert_allclose(infer["boxes"][-1, 0, :, :2], reference, rtol=1e-5)
+  np.testing.assert_allclose(infer["boxes"][..., 2:], 0.5)
+  # Groups never attend to each other: the first training group equals inference, and changing the embeddings
+  # of the other groups leaves it unchanged.
+  np.testing.assert_allclose(train["logits"][:, :, :6], infer["logits"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(train["boxes"][:, :, :6], infer["boxes"], rtol=1e-5, atol=1e-6)
+  model.query_embed.assign(tf.concat([model.query_embed[:6], -model.query_embed[6:]], 0))
+  changed = model(images, training=True)
+  np.testing.assert_allclose(changed["logits"][:, :, :6], train["logits"][:, :, :6], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(changed["logits"][:, :, 6:], train["logits"][:, :, 6:])
+
+
+def test_batched_equals_per_image():
+  model = _model()
+  images = _batch(3, seed=5)[0]
+  batched = model.detect(tf.constant(images))
+  for b in range(3):
+    single = model.detect(tf.constant(images[b:b + 1]))
+    for key in ("boxes", "scores"):
+      np.testing.assert_allclose(single[key][0], batched[key][b], rtol=1e-5, atol=1e-6)
+
+
+# === Losses and steps ===
+
+
+def test_losses_xla_equal_eager_and_are_finite_without_objects():
+  model = _model()
+  images, labels = _batch(4, seed=1)
+  step = tf.function(lambda x, y: model.compute_losses(x, y, training=True), jit_compile=True)
+  for case in (labels, _empty(labels)):
+    eager = model.compute_losses(tf.constant(images), case, training=True)
+    compiled = step(tf.constant(images), case)
+    assert set(eager) == {"loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error", "loss_ce_0",
+                          "loss_bbox_0", "loss_giou_0", "cardinality_error_0"}
+    assert _finite(eager) and _finite(compiled)
+    for key in eager:
+      np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  empty = model.compute_losses(tf.constant(images), _empty(labels), training=True)
+  assert float(empty["loss_bbox"]) == 0.0 and float(empty["loss_giou"]) == 0.0 and float(empty["loss_ce"]) > 0.0
+  grads, total, _ = model.compute_gradients(tf.constant(images), _empty(labels))
+  assert np.isfinite(float(total)) and _finite(grads)
+  assert set(model.loss_weights) == {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
+
+
+def test_more_objects_than_queries_is_a_config_error():
+  model = _model(num_queries=4)
+  images, labels = _batch(2, max_instances=5)
+  with pytest.raises(ConfigError, match="max_instances.*num_queries"):
+    model.compute_losses(tf.constant(images), labels, training=True)
+  model.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=True)
+  data = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(2, drop_remainder=True)
+  with pytest.raises(ConfigError, match="num_queries"):
+    model.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
+
+
+def test_fit_with_xla_default_strategy():
+  images, labels = _batch(8, seed=2)
+  model = _model(clip_norm=0.1)
+  model.compile(optimizer=keras.optimizers.AdamW(1e-3, weight_decay=1e-4), jit_compile=True)
+  data = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(4, drop_remainder=True)
+  before = [v.numpy() for v in model.trainable_variables]
+  history = model.fit(data, epochs=1, steps_per_epoch=2, verbose=0).history
+  assert set(history) == {"loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error"}
+  assert _finite(history)
+  assert all(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+
+
+def test_two_replicas_equal_one_replica(two_replica_strategy):
+  """Loss, clipped gradients and one AdamW step (backbone multiplier 0.5) on 2 replicas equal 1 replica.
+
+  Measured in float32: loss terms agree to 1e-7 relative, gradients to 1.5e-7 of their global norm (the largest
+  per-variable difference is 1.3e-7 of the largest gradient).
+  """
+  images, labels = _batch(4, seed=3)
+  options = dict(clip_norm=0.1, backbone_lr_multiplier=0.5)
+  single = _model(**options)
+  single.compile(optimizer=keras.optimizers.AdamW(1e-2))
+  single.build_for_training()
+  with two_replica_strategy.scope():
+    mirrored = _model(**options)
+    mirrored.compile(optimizer=keras.optimizers.AdamW(1e-2))
+    mirrored.build_for_training()
+  mirrored.set_weights(single.get_weights())
+  grads, total, terms = single.compute_gradients(tf.constant(images), labels)
+  grads = single.clip_gradients(grads)
+
+  @tf.function
+  def replica_step(x, y):
+    g, t, parts = mirrored.compute_gradients(x, y)
+    return mirrored.clip_gradients(g), t, parts
+
+  per_replica = two_replica_strategy.run(replica_step, args=_split(two_replica_strategy, images, labels))
+  grads2, total2, terms2 = two_replica_strategy.reduce("SUM", per_replica, axis=None)
+  assert float(terms["loss_bbox"]) > 0.0
+  np.testing.assert_allclose(total2, total, rtol=1e-5)
+  for key in terms:
+    np.testing.assert_allclose(terms2[key], terms[key], rtol=1e-5, err_msg=key)
+  scale = max(float(tf.reduce_max(tf.abs(a))) for a in grads)
+  for v, a, b in zip(single.trainable_variables, grads, grads2):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale, err_msg=v.path)
+  assert float(tf.linalg.global_norm([a - b for a, b in zip(grads, grads2)])) < 1e-5 * float(
+      tf.linalg.global_norm(grads))
+
+  # The whole train step, with the backbone's update scaled in cross-replica context.
+  single_logs = single.train_step((tf.constant(images), labels))
+
+  @tf.function
+  def distributed_step(data):
+    return two_replica_strategy.run(mirrored.train_step, args=(data,))
+
+  logs = distributed_step(_split(two_replica_strategy, images, labels))
+  np.testing.assert_allclose(two_replica_strategy.experimental_local_results(logs["loss"])[0],
+                             single_logs["loss"], rtol=1e-5)
+  for a, b in zip(single.trainable_variables, mirrored.trainable_variables):
+    for replica_value in b.value.values:
+      np.testing.assert_allclose(replica_value.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_backbone_lr_multiplier_scales_the_backbone_update():
+  images, labels = _batch(4, seed=5)
+  full, scaled = _model(backbone_lr_multiplier=1.0), _model(backbone_lr_multiplier=0.25)
+  scaled.set_weights(full.get_weights())
+  deltas = []
+  for model in (full, scaled):
+    model.compile(optimizer=keras.optimizers.AdamW(1e-2, weight_decay=0.1))
+    model.build_for_training()
+    start = [v.numpy() for v in model.trainable_variables]
+    model.train_step((tf.constant(images), labels))
+    deltas.append([v.numpy() - s for v, s in zip(model.trainable_variables, start)])
+  backbone = {id(v) for v in full.backbone.trainable_variables}
+  assert backbone
+  for var, a, b in zip(full.trainable_variables, *deltas):
+    np.testing.assert_allclose(b, 0.25 * a if id(var) in backbone else a, rtol=1e-4, atol=1e-7, err_msg=var.path)
+
+
+def test_mixed_bfloat16_step():
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = _model()
+    images, labels = _batch(4, seed=6)
+    outputs = model(tf.constant(images), training=True)
+    assert model.decoder.compute_dtype == "bfloat16" and model.query_embed.dtype == "float32"
+    assert outputs["logits"].dtype == tf.float32 and outputs["boxes"].dtype == tf.float32
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    logs = model.train_step((tf.constant(images), labels))
+    detections = model.detect(tf.constant(images))
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  assert _finite({k: v for k, v in logs.items()}) and float(logs["loss"]) > 0.0
+  assert detections["scores"].dtype == tf.float32 and _finite(detections)
+
+
+# === Inference ===
+
+
+def test_detect_is_fixed_size_and_compiles_with_xla():
+  model = _model()
+  images = tf.constant(_batch(3)[0])
+  eager = model.detect(images)
+  compiled = tf.function(model.detect, jit_compile=True)(images)
+  for key in eager:
+    np.testing.assert_allclose(compiled[key], eager[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert eager["boxes"].shape == (3, 100, 4) and eager["classes"].dtype == tf.int32
+  pairs = 6 * NUM_CLASSES  # Q * C < K: the rest is padding
+  assert eager["num_detections"].numpy().tolist() == [pairs] * 3
+  assert np.all(eager["classes"][:, pairs:].numpy() == -1) and np.all(eager["scores"][:, pairs:].numpy() == 0)
+  # The slots are every (query, class) pair of the first group, best first.
+  probs = tf.sigmoid(model(images)["logits"][-1]).numpy().reshape(3, -1)
+  np.testing.assert_allclose(eager["scores"][:, :pairs], -np.sort(-probs, axis=1), rtol=1e-6)
+  boxes = eager["boxes"][:, :pairs].numpy()
+  assert np.all((boxes >= 0) & (boxes <= 1)) and np.all(boxes[..., 2:] >= boxes[..., :2])
+  few = _model(max_detections=5).detect(images)
+  assert few["boxes"].shape == (3, 5, 4) and few["num_detections"].numpy().tolist() == [5] * 3
+
+
+# === Config ===
+
+
+def test_config_roundtrip_registry_and_yaml_configs():
+  model = _model(num_groups=2, aux_loss=False, max_detections=7)
+  config = model.get_config()
+  clone = ConditionalDetr.from_config(config)
+  assert clone.get_config() == config and set(clone.loss_weights) == {"loss_ce", "loss_bbox", "loss_giou"}
+  clone.build_for_training()
+  clone.set_weights(model.get_weights())
+  images = tf.constant(_batch(2)[0])
+  np.testing.assert_allclose(clone(images)["boxes"], model(images)["boxes"], rtol=1e-6)
+
+  family = registry.get_family("group_detr")
+  assert family.task == "detection" and family.options_cls is conditional_detr.GroupDetrOptions
+  defaults = conditional_detr.GroupDetrOptions()
+  assert (defaults.num_queries, defaults.num_groups, defaults.aux_loss) == (300, 11, True)
+  assert (defaults.cls_loss_weight, defaults.bbox_loss_weight, defaults.giou_loss_weight) == (2.0, 5.0, 2.0)
+  for bad, pattern in (({"backbone": "vgg"}, "vgg"), ({"num_groups": 0}, "num_groups"),
+                       ({"hidden_dim": 20, "num_heads": 8}, "hidden_dim"), ({"queries": 3}, "queries"),
+                       ({"backbone": "small_cnn", "backbone_weights": "imagenet"}, "imagenet")):
+    with pytest.raises(ConfigError, match=pattern):
+      registry.parse_options("group_detr", bad)
+
+  shapes = config_lib.load_config(os.path.join(REPO, "configs", "shapes", "group_detr.yaml"))
+  options = registry.parse_options("group_detr", shapes.model.options)
+  assert options.backbone == "small_cnn" and shapes.data.max_instances <= options.num_queries
+  coco = config_lib.load_config(os.path.join(REPO, "configs", "coco", "group_detr_r50.yaml"))
+  options = registry.parse_options("group_detr", coco.model.options)
+  opt = coco.train.optimizer
+  assert (options.backbone, options.num_queries, options.num_groups) == ("resnet50", 300, 11)
+  assert opt.learning_rate * options.backbone_lr_multiplier == pytest.approx(1e-5)
+  assert (opt.name, opt.learning_rate, opt.weight_decay, opt.clip_norm) == ("adamw", 1e-4, 1e-4, 0.1)
+  assert coco.data.global_batch_size == 16 and coco.train.epochs == 12
+  assert opt.schedule == "step" and opt.decay_steps == [11 * coco.train.steps_per_epoch]
+  assert coco.data.max_instances <= options.num_queries
+
+
+def test_resnet50_backbone_is_frozen_like_detr():
+  backbone = detr_layers.ResNet50Backbone(IMAGE_SIZE)
+  features = backbone(tf.zeros([1, *IMAGE_SIZE, 3]))
+  assert features.shape == (1, 2, 2, 2048)
+  names = {v.path.split("/")[-2] for v in backbone.trainable_variables}
+  assert names and not any(n.startswith(("conv1_", "conv2_")) or n.endswith("_bn") for n in names)
+  with pytest.raises(ValueError, match="coco"):
+    detr_layers.ResNet50Backbone(IMAGE_SIZE, weights="coco")
