@@ -1,0 +1,137 @@
+"""Tests for tfreward.losses.reinforce: the seed's loss_fn in numpy, baselines, confidence targets, replicas, XLA."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfreward.losses import reinforce
+from tfreward.ops import sequence
+
+LAYOUT = dict(max_level=20, max_conf=2, num_cls=3)
+VOCAB = sequence.TokenLayout(**LAYOUT).vocab_size  # 3 conf + 21 coordinate + 3 class tokens
+
+
+def _case(batch=4, slots=3, seed=0):
+  rng = np.random.default_rng(seed)
+  length = 6 * slots
+  kinds = sequence.token_kinds(length).numpy()
+  tokens = np.where(kinds == sequence.COORD, rng.integers(3, 24, (batch, length)),
+                    np.where(kinds == sequence.CLASS, rng.integers(24, 27, (batch, length)),
+                             rng.integers(0, 3, (batch, length)))).astype(np.int32)
+  logits = rng.normal(size=(batch, length, VOCAB)).astype(np.float32) * 2.0
+  advantages = rng.normal(size=batch).astype(np.float32)
+  match_iou = np.where(tokens[:, 5::6] > 0, rng.uniform(0, 1, (batch, slots)), 0.0).astype(np.float32)
+  return logits, tokens, advantages, match_iou
+
+
+def _seed_loss_fn(logits, labels, seq_rewards, match_iou, conf_w=0.3, skip_conf=False):
+  """The seed's (000) loss_fn, in numpy: REINFORCE on every token plus the confidence loss."""
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  target = np.eye(logits.shape[-1])[labels] * seq_rewards[:, None, None]
+  loss_reward = -np.sum(target * log_softmax, axis=-1)  # [B, L]
+  if skip_conf:
+    loss_reward = loss_reward[:, np.arange(labels.shape[1]) % 6 != 5]
+  conf0 = labels[:, 5::6] == 0
+  conf1 = (labels[:, 5::6] > 0) * (1.0 - match_iou)
+  conf2 = (labels[:, 5::6] > 0) * match_iou
+  target_conf = np.stack([conf0, conf1, conf2], axis=-1)
+  loss_conf = -np.sum(target_conf * log_softmax[:, 5::6, :3], axis=-1)
+  return np.mean(loss_reward), conf_w * np.mean(loss_conf)
+
+
+def _losses(logits, tokens, advantages, match_iou, **kwargs):
+  return reinforce.reinforce_losses(logits=logits, tokens=tokens, advantages=advantages, match_iou=match_iou,
+                                    **LAYOUT, **kwargs)
+
+
+@pytest.mark.parametrize("reinforce_conf", [True, False])
+def test_matches_the_seed_loss_fn(reinforce_conf):
+  logits, tokens, advantages, match_iou = _case()
+  terms = _losses(logits, tokens, advantages, match_iou, reinforce_conf=reinforce_conf, constrained=False)
+  expected_reward, expected_conf = _seed_loss_fn(logits, tokens, advantages, match_iou, skip_conf=not reinforce_conf)
+  np.testing.assert_allclose(terms["loss_reward"], expected_reward, rtol=1e-5)
+  np.testing.assert_allclose(0.3 * terms["loss_conf"], expected_conf, rtol=1e-5)
+
+
+def test_constrained_log_probs_are_those_of_each_kind():
+  logits, tokens, advantages, match_iou = _case()
+  constrained = sequence.constrain_logits(logits, **LAYOUT).numpy()
+  masked = np.where(constrained > np.finfo(np.float32).min, logits, -1e30)
+  expected_reward, expected_conf = _seed_loss_fn(masked, tokens, advantages, match_iou)
+  terms = _losses(logits, tokens, advantages, match_iou)
+  np.testing.assert_allclose(terms["loss_reward"], expected_reward, rtol=1e-5)
+  np.testing.assert_allclose(0.3 * terms["loss_conf"], expected_conf, rtol=1e-5)
+
+
+def test_leave_one_out_baseline():
+  rewards = np.array([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]], np.float32)
+  expected = np.array([[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]], np.float32)
+  np.testing.assert_allclose(reinforce.leave_one_out_baseline(rewards), expected)
+  with pytest.raises(ValueError, match="N >= 2"):
+    reinforce.leave_one_out_baseline(np.ones([2, 1], np.float32))
+
+
+def test_confidence_targets():
+  conf = np.array([[0, 1, 2, 5]])
+  iou = np.array([[0.9, 0.25, 1.0, 0.0]], np.float32)
+  np.testing.assert_allclose(reinforce.confidence_targets(conf, iou, max_conf=2),
+                             [[[1, 0, 0], [0, 0.75, 0.25], [0, 0, 1], [0, 1, 0]]], atol=1e-7)
+  # Four levels: IoU spread linearly, levels 1..3 standing for IoU 0, 0.5, 1; its expectation is the IoU.
+  targets = reinforce.confidence_targets(np.array([[1, 1]]), np.array([[0.75, 0.3]]), max_conf=3).numpy()
+  np.testing.assert_allclose(targets[0, 0], [0, 0, 0.5, 0.5], atol=1e-6)
+  np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose((targets[0] * [0, 0, 0.5, 1.0]).sum(-1), [0.75, 0.3], atol=1e-6)
+  np.testing.assert_allclose(reinforce.confidence_targets(np.array([[0, 3]]), np.array([[0.0, 0.2]]), max_conf=1),
+                             [[[1, 0], [0, 1]]])
+
+
+def test_gradient_raises_the_log_prob_of_advantaged_sequences():
+  logits, tokens, _, match_iou = _case(batch=2)
+  advantages = np.array([1.0, -1.0], np.float32)
+  logits = tf.constant(logits)
+  with tf.GradientTape() as tape:
+    tape.watch(logits)
+    loss = _losses(logits, tokens, advantages, match_iou, reinforce_conf=False)["loss_reward"]
+  grad = tape.gradient(loss, logits).numpy()
+  picked = np.take_along_axis(grad, tokens[..., None], axis=-1)[..., 0]  # [B, L]
+  coord = sequence.token_kinds(tokens.shape[1]).numpy() == sequence.COORD
+  assert (picked[0, coord] < 0).all() and (picked[1, coord] > 0).all()  # descent raises / lowers them
+  assert np.abs(grad[:, sequence.token_kinds(tokens.shape[1]).numpy() == sequence.CONF]).max() == 0.0
+
+
+def test_zero_advantage_and_all_padding_samples_are_finite():
+  logits, tokens, _, _ = _case()
+  tokens[:, 5::6] = 0
+  terms = _losses(logits, tokens, np.zeros(4, np.float32), np.zeros((4, 3), np.float32))
+  assert float(terms["loss_reward"]) == 0.0
+  assert np.isfinite(float(terms["loss_conf"])) and float(terms["loss_conf"]) > 0.0
+
+
+def test_eager_equals_xla():
+  case = [tf.constant(x) for x in _case(seed=3)]
+  eager = _losses(*case)
+  compiled = tf.function(lambda *args: _losses(*args), jit_compile=True)(*case)
+  for k in eager:
+    np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-5)
+
+
+def test_two_replica_shares_add_up_to_one_replica(two_replica_strategy):
+  case = _case(batch=4, seed=5)
+  single = _losses(*case)
+  halves = [[x[:2] for x in case], [x[2:] for x in case]]
+  values = two_replica_strategy.experimental_distribute_values_from_function(
+      lambda ctx: tuple(tf.constant(x) for x in halves[ctx.replica_id_in_sync_group]))
+  per_replica = two_replica_strategy.run(tf.function(lambda *args: _losses(*args)), args=values)
+  for k in single:
+    np.testing.assert_allclose(two_replica_strategy.reduce("SUM", per_replica[k], axis=None), single[k], rtol=1e-5)
+
+
+def test_bad_arguments():
+  logits, tokens, advantages, match_iou = _case()
+  with pytest.raises(ValueError, match="multiple of 6"):
+    _losses(logits[:, :5], tokens[:, :5], advantages, match_iou)
+  with pytest.raises(ValueError, match="logits must be"):
+    _losses(logits[..., :-1], tokens, advantages, match_iou)
+  with pytest.raises(ValueError, match="max_conf"):
+    reinforce.confidence_targets(tokens[:, 5::6], match_iou, max_conf=0)

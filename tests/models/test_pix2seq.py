@@ -1,0 +1,261 @@
+"""Tests for the Pix2Seq family: targets, cached decoding, reward tuning under XLA and replicas, detect, export."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfreward import registry
+from tfreward.config import ConfigError
+from tfreward.export.saved_model import export_saved_model
+from tfreward.models import pix2seq_targets
+from tfreward.models.pix2seq import Pix2Seq, Pix2SeqOptions
+from tfreward.ops import sequence
+
+IMAGE_SIZE = (32, 32)
+TINY = dict(max_level=16, num_boxes=3, encoder_width=8, encoder_stages=2, encoder_layers=1, dim=16, decoder_layers=1,
+            num_heads=2, mlp_ratio=2, num_samples=3)
+LAYOUT = dict(max_level=16, max_conf=2, num_cls=3)
+
+
+def _batch(n=4, seed=0, objects=3):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 255, (n, *IMAGE_SIZE, 3)).astype(np.uint8)
+  lo = rng.uniform(0, 0.5, (n, objects, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0.1, 0.5, (n, objects, 2))], -1).astype(np.float32)
+  valid = np.arange(objects)[None, :] < rng.integers(1, objects + 1, (n, 1))
+  valid[0] = False  # an image without objects
+  classes = np.where(valid, rng.integers(0, 3, (n, objects)), -1).astype(np.int32)
+  return images, {"boxes": boxes * valid[..., None], "classes": classes, "valid": valid}
+
+
+def _model(mode="reward", **options):
+  model = Pix2Seq(num_classes=3, image_size=IMAGE_SIZE, options=Pix2SeqOptions(mode=mode, **{**TINY, **options}))
+  model.build_for_training()
+  return model
+
+
+def _finite(values):
+  return all(np.isfinite(np.asarray(tf.convert_to_tensor(v))).all() for v in values)
+
+
+# === Options and targets ===
+
+def test_options_are_validated_and_registered():
+  for bad in (dict(mode="ppo"), dict(num_samples=1), dict(dim=30, num_heads=4), dict(cls_counts="imagenet"),
+              dict(order="area"), dict(top_p=0.0)):
+    with pytest.raises(ConfigError):
+      Pix2SeqOptions(**bad)
+  options = registry.parse_options("pix2seq", {"mode": "reward", "num_boxes": 5, "cls_counts": [1, 2, 3]})
+  model = registry.get_family("pix2seq").build(options, num_classes=3, image_size=IMAGE_SIZE)
+  assert model.seq_len == 30 and model.reward_config["cls_counts"] == (1, 2, 3)
+  assert registry.get_family("pix2seq").task == "detection"
+  with pytest.raises(ValueError, match="cls_counts"):
+    Pix2Seq(num_classes=4, image_size=IMAGE_SIZE, options=options)
+
+
+@pytest.mark.parametrize("order", ["random", "raster", "fixed"])
+def test_mle_targets_noise_filler(order):
+  _, labels = _batch()
+  tokens, weights = pix2seq_targets.mle_targets(labels["boxes"], labels["classes"], labels["valid"], num_boxes=4,
+                                                order=order, seed=tf.constant([1, 2]), **LAYOUT)
+  tokens, weights = tokens.numpy(), weights.numpy()
+  allowed = sequence.allowed_tokens(24, **LAYOUT).numpy()
+  assert all(allowed[t][tokens[:, t]].all() for t in range(24))
+  boxes, classes, confs = sequence.decode_sequence(tokens, **LAYOUT)
+  counts = labels["valid"].sum(1)
+  for b, n in enumerate(counts):
+    assert (confs[b, :n].numpy() == 2).all() and (confs[b, n:].numpy() == 0).all()
+    gt = sorted(zip(np.round(labels["boxes"][b][labels["valid"][b]] * 16).astype(int).tolist(),
+                    labels["classes"][b][labels["valid"][b]].tolist()))
+    got = sorted(zip(np.round(boxes[b, :n].numpy() * 16).astype(int).tolist(), classes[b, :n].numpy().tolist()))
+    assert got == gt
+    expected_weights = np.ones(24)
+    expected_weights[6 * n:] = np.tile([0, 0, 0, 0, 0, 1], 4 - n)
+    np.testing.assert_array_equal(weights[b], expected_weights)
+  if order == "raster":
+    corners = np.round(boxes.numpy()[..., :2] * 16)
+    for b, n in enumerate(counts):
+      keys = corners[b, :n, 0] * 17 + corners[b, :n, 1]
+      assert (np.diff(keys) >= 0).all()
+
+
+def test_mle_targets_empty_filler_decodes_as_padding():
+  _, labels = _batch()
+  tokens, weights = pix2seq_targets.mle_targets(labels["boxes"], labels["classes"], labels["valid"], num_boxes=4,
+                                                filler="empty", order="fixed", **LAYOUT)
+  reference = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], seq_len=24,
+                                         order="fixed", **LAYOUT)
+  for got, want in zip(sequence.decode_sequence(tokens, **LAYOUT), sequence.decode_sequence(reference, **LAYOUT)):
+    np.testing.assert_array_equal(got, want)
+  assert (tokens.numpy()[0] == np.tile([3, 3, 3, 3, 20, 0], 4)).all() and (weights.numpy() == 1).all()
+
+
+def test_mle_targets_same_eagerly_and_under_xla():
+  _, labels = _batch(seed=4)
+  fn = lambda seed: pix2seq_targets.mle_targets(labels["boxes"], labels["classes"], labels["valid"], num_boxes=4,
+                                                seed=seed, **LAYOUT)
+  seed = tf.constant([5, 6])
+  for eager, compiled in zip(fn(seed), tf.function(fn, jit_compile=True)(seed)):
+    np.testing.assert_array_equal(compiled, eager)
+  assert not np.array_equal(fn(tf.constant([5, 7]))[0], fn(seed)[0])
+
+
+# === Decoder ===
+
+def test_cached_decoding_equals_teacher_forcing():
+  model = _model("mle")
+  memory = model.encoder(tf.constant(_batch()[0]))
+  out = model.sample(memory, num_samples=2, seed=tf.constant([0, 1]), return_logits=True)
+  tokens = tf.reshape(out["tokens"], [8, model.seq_len])
+  forced = model.decoder(model.decoder.shift_right(tokens), tf.repeat(memory, 2, axis=0))
+  np.testing.assert_allclose(tf.reshape(out["logits"], forced.shape), forced, rtol=1e-4, atol=1e-5)
+
+
+def test_box_guided_cross_attention_reads_inside_the_box():
+  model = _model("mle")  # one decoder layer: memory reaches a position only through its own cross-attention
+  box = sequence.boxes_to_sequence([[[0.0, 0.0, 0.3, 0.3]]], [[1]], [[True]], seq_len=18, order="fixed", **LAYOUT)
+  inputs = model.decoder.shift_right(box)
+  memory = tf.random.normal([1, 64, 16], seed=0)  # 8 x 8 cells; centres of rows and columns 0..2 are inside
+  inside = np.zeros([8, 8], bool)
+  inside[:3, :3] = True
+  base = model.decoder(inputs, memory).numpy()
+  for region, changes in ((~inside, False), (inside, True)):
+    bump = tf.constant(np.where(region.reshape(1, 64, 1), 5.0, 0.0), tf.float32)
+    moved = model.decoder(inputs, memory + bump).numpy()
+    assert np.allclose(moved[0, 4:6], base[0, 4:6], atol=1e-5) != changes  # class and conf of slot 0
+    assert not np.allclose(moved[0, :4], base[0, :4], atol=1e-5)  # coordinates see the whole image
+
+
+# === Reward tuning ===
+
+def test_reward_fit_with_xla_under_default_strategy(tmp_path):
+  images, labels = _batch(8)
+  model = Pix2Seq(num_classes=3, image_size=IMAGE_SIZE, clip_norm=1.0, options=Pix2SeqOptions(mode="reward", **TINY))
+  model.compile(optimizer=keras.optimizers.AdamW(1e-3), jit_compile=True)
+  model.build_for_training()
+  data = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(4, drop_remainder=True)
+  board = keras.callbacks.TensorBoard(str(tmp_path), write_graph=False)
+  history = model.fit(data, epochs=1, steps_per_epoch=2, verbose=0, callbacks=[board]).history
+  expected = {"loss", "loss_reward", "loss_conf", "reward", "num_matches", "nms_penalty", "reward_50", "reward_95"}
+  assert expected <= set(history) and _finite(history.values())
+  assert int(model.optimizer.iterations) == 2
+  assert os.listdir(tmp_path / "reward")  # batch-level scalars of RewardStatsCallback
+
+
+def test_two_replicas_equal_one_replica_given_samples(two_replica_strategy):
+  images, labels = _batch(4, seed=1)
+  single = _model()
+  with two_replica_strategy.scope():
+    mirrored = _model()
+  mirrored.set_weights(single.get_weights())
+  samples = single.sample(single.encoder(tf.constant(images)), num_samples=3, seed=tf.constant([3, 4]))["tokens"]
+
+  def gradients(model, x, y, s):
+    with tf.GradientTape() as tape:
+      terms = model.compute_losses(x, y, training=True, samples=s)
+      total = model.total_loss(terms)
+    grads = tape.gradient(total, model.trainable_variables)
+    return [tf.convert_to_tensor(g) for g in grads], total, terms  # embedding gradients are IndexedSlices
+
+  grads, total, terms = gradients(single, tf.constant(images), labels, samples)
+  assert float(terms["reward"]) > -1.0 and _finite(terms.values())
+  parts = [(images[:2], {k: v[:2] for k, v in labels.items()}, samples[:2]),
+           (images[2:], {k: v[2:] for k, v in labels.items()}, samples[2:])]
+  values = two_replica_strategy.experimental_distribute_values_from_function(
+      lambda ctx: parts[ctx.replica_id_in_sync_group])
+  per_replica = two_replica_strategy.run(tf.function(lambda x, y, s: gradients(mirrored, x, y, s)), args=values)
+  grads2, total2, terms2 = two_replica_strategy.reduce("SUM", per_replica, axis=None)
+  np.testing.assert_allclose(total2, total, rtol=1e-5)
+  for k in terms:
+    np.testing.assert_allclose(terms2[k], terms[k], rtol=1e-5, atol=1e-7)
+  for a, b in zip(grads, grads2):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_step_seeds_follow_the_step_and_the_replica(two_replica_strategy):
+  with two_replica_strategy.scope():
+    model = _model()
+  seeds = two_replica_strategy.run(tf.function(lambda: model.step_seed(2)))
+  first, second = (s.numpy().tolist() for s in two_replica_strategy.experimental_local_results(seeds))
+  assert first != second
+  assert model.step_seed(2).numpy().tolist() == first  # outside a strategy: replica 0, step 0
+
+
+def test_image_without_objects_gives_finite_reward_and_loss():
+  images, labels = _batch(2)
+  labels["valid"][:] = False
+  labels["classes"][:] = -1
+  model = _model()
+  with tf.GradientTape() as tape:
+    terms = model.compute_losses(tf.constant(images), labels, training=True)
+    total = model.total_loss(terms)
+  grads = tape.gradient(total, model.trainable_variables)
+  assert float(terms["reward"]) <= 0.0 and float(terms["num_matches"]) == 0.0
+  assert _finite(terms.values()) and _finite([g for g in grads if g is not None])
+
+
+def test_mixed_bfloat16_runs():
+  images, labels = _batch(2, seed=2)
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    model = _model()
+    step = tf.function(lambda x, y: model.compute_gradients(x, y))
+    grads, total, terms = step(tf.constant(images), labels)
+    detections = model.detect(tf.constant(images))
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  assert model.decoder.compute_dtype == "bfloat16" and total.dtype == tf.float32
+  assert _finite(terms.values()) and _finite([g for g in grads if g is not None])
+  assert detections["scores"].dtype == tf.float32 and _finite(detections.values())
+
+
+def test_samples_are_only_for_reward_mode():
+  images, labels = _batch(2)
+  with pytest.raises(ValueError, match="reward mode"):
+    _model("mle").compute_losses(tf.constant(images), labels, training=True, samples=tf.zeros([2, 3, 18], tf.int32))
+
+
+# === Inference, export, weights ===
+
+@pytest.mark.parametrize("decode", ["greedy", "sample"])
+def test_detect_compiles_with_xla(decode):
+  model = _model("mle", decode=decode, temperature=0.8, top_k=5)
+  images = tf.constant(_batch(3)[0])
+  eager = model.detect(images)
+  compiled = tf.function(model.detect, jit_compile=True)(images)
+  for k in eager:
+    np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-5, atol=1e-6)
+  assert eager["boxes"].shape == (3, 3, 4) and eager["num_detections"].numpy().tolist() == [3, 3, 3]
+  scores = eager["scores"].numpy()
+  assert (np.diff(scores, axis=1) <= 0).all() and scores.min() >= 0 and scores.max() <= 1
+  boxes = eager["boxes"].numpy()
+  assert (boxes[..., 2:] >= boxes[..., :2]).all() and ((0 <= boxes) & (boxes <= 1)).all()
+
+
+def test_exported_saved_model_runs_greedy_and_sampled_decoding(tmp_path):
+  images = np.random.default_rng(0).integers(0, 255, (2, 48, 40, 3)).astype(np.uint8)
+  for decode in ("greedy", "sample"):
+    model = _model("mle", decode=decode)
+    export_saved_model(model, tmp_path / decode)
+    out = tf.saved_model.load(str(tmp_path / decode)).signatures["serve_images"](images=tf.constant(images))
+    assert out["boxes"].shape == (2, 3, 4) and out["num_detections"].numpy().tolist() == [3, 3]
+    boxes = out["boxes"].numpy()  # pixels of the 48 x 40 originals
+    assert _finite(out.values()) and boxes.min() >= 0 and (boxes[..., 2] <= 48).all() and (boxes[..., 3] <= 40).all()
+    assert out["scores"].shape == (2, 3) and out["classes"].dtype == tf.int32
+
+
+def test_mle_weights_load_into_reward_model_and_config_round_trips(tmp_path):
+  mle = _model("mle")
+  path = str(tmp_path / "mle.weights.h5")
+  mle.save_weights(path)
+  reward = _model("reward")
+  reward.load_weights(path)
+  for a, b in zip(mle.get_weights(), reward.get_weights()):
+    np.testing.assert_array_equal(a, b)
+  clone = Pix2Seq.from_config(reward.get_config())
+  assert clone.options == reward.options and clone.loss_weights == {"loss_reward": 1.0, "loss_conf": 0.3}
+  assert clone.log_names == ("loss_reward", "loss_conf", "reward")

@@ -1,0 +1,326 @@
+"""Pix2Seq-style sequence detector, pre-trained by maximum likelihood and tuned with a task reward (seeds 000, 003).
+
+  images [B, H, W, 3] 0..255 -> encoder (small CNN or ResNet-50, + Transformer layers) -> memory [B, S, D]
+  -> autoregressive Transformer decoder over the tokens of `tfreward.ops.sequence` (6 per box:
+     ymin, xmin, ymax, xmax, class, conf) -> L = 6 * num_boxes tokens.
+
+Modes (`Pix2SeqOptions.mode`; both share every weight, so a reward run starts from an MLE run's weights file):
+  "mle":    teacher-forced cross-entropy (`loss_mle`) on the ground truth in random, raster or fixed object order,
+            conf token `max_conf`, then filler slots (`pix2seq_targets`): Pix2Seq's noise boxes with conf token 0
+            (default), or empty slots that teach the model to stop.
+  "reward": sample `num_samples` sequences per image inside the step (`tfreward.ops.sampling`, no gradient), reward
+            them (`tfreward.rewards.detection`), REINFORCE on sample 0 with the leave-one-out baseline plus the
+            confidence loss (`tfreward.losses.reinforce`; weights 1 and `conf_weight`). Logs `reward`; `fit` adds
+            `RewardStatsCallback` for per-threshold rewards, matches and duplicate penalties.
+Log-probabilities in both modes are restricted to each position's token kind, the distribution the sampler draws from.
+
+Randomness inside the step (object order, samples) is stateless: the seed is `fold_in(fold_in((seed, salt), step),
+replica id)` with step = the optimizer's iteration counter, so a run is reproducible and replicas draw differently.
+`compute_losses(..., samples=...)` takes given samples instead (the path that compares replica layouts).
+
+`detect` decodes one sequence per image inside XLA (greedy, or sampled with `decode="sample"`) and returns every slot
+as a detection, scored by the expected IoU its conf-token distribution implies; fixed size K = num_boxes.
+"""
+
+import dataclasses
+from typing import Union
+
+import keras
+import tensorflow as tf
+
+from tfreward.config import ConfigError
+from tfreward.losses import reinforce
+from tfreward.models import pix2seq_layers as layers
+from tfreward.models import pix2seq_targets
+from tfreward.models.base import TaskModel
+from tfreward.ops import distributed
+from tfreward.ops import sampling
+from tfreward.ops import sequence
+from tfreward.rewards import detection
+from tfreward.training.reward_callback import RewardStatsCallback
+
+_SALT_TARGET, _SALT_SAMPLES, _SALT_DETECT = 1, 2, 3
+
+
+@dataclasses.dataclass
+class Pix2SeqOptions:
+  """`model:` keys of the pix2seq family."""
+  mode: str = "mle"  # "mle" or "reward"
+  # Tokens.
+  max_level: int = 1000  # coordinate bins
+  max_conf: int = 2  # conf tokens 0..max_conf
+  num_boxes: int = 100  # box slots per sequence: L = 6 * num_boxes
+  order: str = "random"  # MLE object order: "random", "raster" (top-left corners, row by row) or "fixed"
+  filler: str = "noise"  # MLE slots after the objects: "noise" (Pix2Seq augmentation) or "empty"
+  # Encoder.
+  encoder: str = "cnn"  # "cnn" or "resnet50"
+  encoder_width: int = 32  # cnn: channels of the first stage
+  encoder_stages: int = 3  # cnn: stride 2**stages
+  encoder_layers: int = 1  # Transformer layers on the image tokens
+  box_attention: bool = True  # class and conf tokens attend inside their box (see pix2seq_layers.SequenceDecoder)
+  # Decoder.
+  dim: int = 256
+  decoder_layers: int = 4
+  num_heads: int = 8
+  mlp_ratio: int = 4
+  # Decoding in `detect`.
+  decode: str = "greedy"  # "greedy" or "sample"
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  # Reward tuning.
+  num_samples: int = 8  # N sequences per image: one trained, the others form its baseline
+  sample_temperature: float = 1.0
+  sample_top_k: int = 0
+  sample_top_p: float = 1.0
+  conf_weight: float = 0.3  # conf_w
+  reinforce_conf: bool = True  # conf tokens in the REINFORCE term (the paper's choice; see losses.reinforce)
+  nms_w: float = 0.3
+  cls_smooth: float = 0.05
+  reward_thr: tuple[float, ...] = detection.PAPER_REWARD_THR
+  correct_thr: float = 0.5
+  cls_counts: Union[str, list[int]] = "uniform"  # "uniform", "coco" or one count per class
+  legacy_threshold_keys: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    choices = {"mode": ("mle", "reward"), "order": ("random", "raster", "fixed"), "filler": ("noise", "empty"),
+               "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample")}
+    for name, valid in choices.items():
+      if getattr(self, name) not in valid:
+        raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}.")
+    for name in ("max_level", "max_conf", "num_boxes", "encoder_width", "encoder_stages", "dim", "decoder_layers",
+                 "num_heads", "mlp_ratio"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}.")
+    if self.encoder_layers < 0 or self.top_k < 0 or self.sample_top_k < 0:
+      raise ConfigError(f"model.encoder_layers, top_k and sample_top_k must be >= 0, got {self.encoder_layers!r}, "
+                        f"{self.top_k!r}, {self.sample_top_k!r}.")
+    if self.dim % self.num_heads or self.dim % 4:
+      raise ConfigError(f"model.dim must be a multiple of 4 and of model.num_heads, got {self.dim!r} and "
+                        f"{self.num_heads!r}.")
+    if self.num_samples < 2:
+      raise ConfigError(f"model.num_samples must be >= 2 (the baseline needs another sample), got "
+                        f"{self.num_samples!r}.")
+    for name in ("temperature", "sample_temperature"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}.")
+    for name in ("top_p", "sample_top_p"):
+      if not 0 < getattr(self, name) <= 1:
+        raise ConfigError(f"model.{name} must be in (0, 1], got {getattr(self, name)!r}.")
+    if isinstance(self.cls_counts, str) and self.cls_counts not in ("uniform", "coco"):
+      raise ConfigError(f"model.cls_counts must be 'uniform', 'coco' or a list of counts, got {self.cls_counts!r}.")
+
+
+class Pix2Seq(TaskModel):
+  """Sequence detector (see the module docstring).
+
+  Args:
+    num_classes: int. Object classes.
+    image_size: (int, int). Canvas height and width.
+    options: `Pix2SeqOptions` or a dict of its fields. Defaults to `Pix2SeqOptions()`.
+    loss_weights: optional dict; defaults to {"loss_mle": 1} ("mle") or {"loss_reward": 1, "loss_conf": conf_weight}.
+    clip_norm: float or None. See `TaskModel`.
+  """
+
+  def __init__(self, *, num_classes, image_size, options=None, loss_weights=None, **kwargs):
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+      raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    if options is None:
+      options = Pix2SeqOptions()
+    elif isinstance(options, dict):
+      options = Pix2SeqOptions(**options)
+    elif not isinstance(options, Pix2SeqOptions):
+      raise ValueError(f"options must be a Pix2SeqOptions or a dict, got {options!r}.")
+    o = options
+    if o.mode == "mle":
+      self.log_names = ("loss_mle",)
+      default_weights = {"loss_mle": 1.0}
+    else:
+      self.log_names = ("loss_reward", "loss_conf", "reward")
+      default_weights = {"loss_reward": 1.0, "loss_conf": o.conf_weight}
+    super().__init__(image_size=image_size, loss_weights=loss_weights or default_weights, **kwargs)
+    self.num_classes, self.options = num_classes, o
+    self.layout = dict(max_level=o.max_level, max_conf=o.max_conf, num_cls=num_classes)
+    self.vocab_size = sequence.TokenLayout(**self.layout).vocab_size
+    self.seq_len = sequence.TOKENS_PER_BOX * o.num_boxes
+    counts = o.cls_counts
+    if counts == "coco":
+      counts = detection.COCO_CLS_COUNTS
+    elif counts == "uniform":
+      counts = (1,) * num_classes
+    if len(counts) != num_classes:
+      raise ValueError(f"cls_counts must have num_classes={num_classes} entries, got {o.cls_counts!r}.")
+    self.reward_config = dict(nms_w=o.nms_w, cls_smooth=o.cls_smooth, reward_thr=tuple(o.reward_thr),
+                              correct_thr=o.correct_thr, cls_counts=tuple(int(c) for c in counts),
+                              legacy_threshold_keys=o.legacy_threshold_keys, **self.layout)
+    self.thresholds = tuple(sorted(set(float(t) for t in o.reward_thr)))
+    self.stat_trackers = {}
+    if o.mode == "reward":
+      names = ("num_matches", "nms_penalty") + tuple(self._thr_name(t) for t in self.thresholds)
+      self.stat_trackers = {n: keras.metrics.Mean(name=n) for n in names}
+    # === Layers ===
+    if o.encoder == "cnn":
+      self.encoder = layers.ConvEncoder(dim=o.dim, width=o.encoder_width, num_stages=o.encoder_stages,
+                                        num_layers=o.encoder_layers, num_heads=o.num_heads, mlp_ratio=o.mlp_ratio,
+                                        name="encoder")
+    else:
+      self.encoder = layers.ResNetEncoder(dim=o.dim, image_size=self.image_size, num_layers=o.encoder_layers,
+                                          num_heads=o.num_heads, mlp_ratio=o.mlp_ratio, name="encoder")
+    memory_hw = self.encoder.feature_hw(self.image_size) if o.box_attention else None
+    self.decoder = layers.SequenceDecoder(
+        vocab_size=self.vocab_size, seq_len=self.seq_len, dim=o.dim, num_layers=o.decoder_layers,
+        num_heads=o.num_heads, mlp_ratio=o.mlp_ratio, memory_hw=memory_hw, name="decoder",
+        coord_tokens=sequence.TokenLayout(**self.layout).token_range(sequence.COORD))
+
+  @staticmethod
+  def _thr_name(threshold):
+    return f"reward_{round(threshold * 100):02d}"
+
+  def call(self, images, training=False):
+    """Builds every layer: teacher-forced logits [B, L, V] float32 of an all-start-token input."""
+    memory = self.encoder(images, training=training)
+    inputs = tf.fill([tf.shape(images)[0], self.seq_len], self.decoder.bos_token)
+    return self.decoder(inputs, memory)
+
+  # === Randomness and decoding ===
+
+  def step_seed(self, salt):
+    """[2] int64 stateless seed of this step and replica (see the module docstring)."""
+    optimizer = getattr(self, "optimizer", None)
+    step = optimizer.iterations if optimizer is not None else 0
+    ctx = tf.distribute.get_replica_context()
+    replica = ctx.replica_id_in_sync_group if ctx is not None else 0
+    seed = sampling.fold_in(tf.constant([self.options.seed, salt], tf.int64), step)
+    return sampling.fold_in(seed, replica)
+
+  def sample(self, memory, *, num_samples, seed=None, greedy=False, temperature=1.0, top_k=0, top_p=1.0,
+             return_logits=False):
+    """Decodes from memory [B, S, D]: dict tokens [B, N, L] int32 (+ logits [B, N, L, V]); see `sample_sequences`."""
+    return sampling.sample_sequences(
+        self.decoder.step, self.decoder.init_cache(memory), seq_len=self.seq_len, start_token=self.decoder.bos_token,
+        num_samples=num_samples, seed=seed, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+        return_logits=return_logits, **self.layout)
+
+  # === Losses ===
+
+  def compute_losses(self, images, labels, training, samples=None):
+    """Loss terms and statistics, this replica's shares.
+
+    Args:
+      images: [B, H, W, 3] uint8/float 0..255.
+      labels: dict with boxes [B, M, 4] float32 normalised yxyx, classes [B, M] int32 (-1 padding), valid [B, M] bool.
+      training: bool.
+      samples: optional [B, N, L] int32 sequences to reward-tune on instead of sampling (reward mode only).
+    """
+    if samples is not None and self.options.mode != "reward":
+      raise ValueError(f"samples are for reward mode, but this model is in {self.options.mode!r} mode.")
+    memory = self.encoder(images, training=training)
+    if self.options.mode == "mle":
+      return self._mle_losses(memory, labels)
+    if samples is None:
+      samples = self.sample(tf.stop_gradient(memory), num_samples=self.options.num_samples,
+                            seed=self.step_seed(_SALT_SAMPLES), temperature=self.options.sample_temperature,
+                            top_k=self.options.sample_top_k, top_p=self.options.sample_top_p)["tokens"]
+    return self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)))
+
+  def _mle_losses(self, memory, labels):
+    target, weights = pix2seq_targets.mle_targets(
+        labels["boxes"], labels["classes"], labels["valid"], num_boxes=self.options.num_boxes,
+        filler=self.options.filler, order=self.options.order, seed=self.step_seed(_SALT_TARGET), **self.layout)
+    logits = sequence.constrain_logits(self.decoder(self.decoder.shift_right(target), memory), **self.layout)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)  # [B, L]
+    count = distributed.global_sum(tf.reduce_sum(weights))
+    return {"loss_mle": tf.reduce_sum(ce * weights) / tf.maximum(count, 1.0)}
+
+  def _reward_losses(self, memory, labels, samples):
+    gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
+                                    seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
+    rewards, aux = detection.detection_reward(samples, gt, **self.reward_config)  # [B, N]
+    baseline = reinforce.leave_one_out_baseline(rewards)
+    chosen = samples[:, 0]  # [B, L]
+    logits = self.decoder(self.decoder.shift_right(chosen), memory)
+    terms = reinforce.reinforce_losses(
+        logits=logits, tokens=chosen, advantages=rewards[:, 0] - baseline[:, 0], match_iou=aux["match_iou"][:, 0],
+        reinforce_conf=self.options.reinforce_conf, **self.layout)
+    count = tf.maximum(distributed.global_sum(tf.cast(tf.size(rewards), tf.float32)), 1.0)
+    terms["reward"] = tf.reduce_sum(rewards) / count
+    terms["num_matches"] = tf.reduce_sum(aux["num_matches"]) / count
+    terms["nms_penalty"] = tf.reduce_sum(aux["nms_penalty"]) / count
+    thr_index = [list(self.reward_config["reward_thr"]).index(t) for t in self.thresholds]
+    per_thr = tf.reduce_sum(tf.gather(aux["reward_thr"], thr_index), axis=[1, 2]) / count  # [T distinct]
+    for i, t in enumerate(self.thresholds):
+      terms[self._thr_name(t)] = per_thr[i]
+    return terms
+
+  # === Statistics ===
+
+  @property
+  def metrics(self):
+    return super().metrics + list(self.stat_trackers.values())
+
+  def _log(self, total, terms):
+    for name, tracker in self.stat_trackers.items():
+      tracker.update_state(distributed.global_sum(tf.cast(terms[name], tf.float32)))
+    return super()._log(total, terms)
+
+  def reward_statistics(self):
+    """Running epoch means of the reward statistics (reward mode; empty in "mle" mode): dict name -> float."""
+    if not self.stat_trackers:
+      return {}
+    stats = {"reward": float(self._trackers["reward"].result())}
+    stats.update({name: float(t.result()) for name, t in self.stat_trackers.items()})
+    return stats
+
+  def fit(self, *args, **kwargs):
+    """`keras.Model.fit`; in reward mode a `RewardStatsCallback` goes first unless one is given. It writes batch-level
+    scalars next to the run's `TensorBoard` logs (`<log_dir>/reward`)."""
+    if self.options.mode == "reward":
+      args = list(args)
+      positional = len(args) > 5
+      callbacks = list((args[5] if positional else kwargs.get("callbacks")) or [])
+      if not any(isinstance(c, RewardStatsCallback) for c in callbacks):
+        board = [c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)]
+        log_dir = f"{board[0].log_dir}/reward" if board else None
+        callbacks = [RewardStatsCallback(log_dir=log_dir)] + callbacks
+      if positional:
+        args[5] = callbacks
+      else:
+        kwargs["callbacks"] = callbacks
+    return super().fit(*args, **kwargs)
+
+  # === Inference ===
+
+  def detect(self, images):
+    """images [B, H, W, 3] 0..255 -> fixed-size detections, K = num_boxes, sorted by score:
+    boxes [B, K, 4] float32 normalised yxyx, scores [B, K] float32 (expected IoU from the conf tokens),
+    classes [B, K] int32, num_detections [B] int32 (= K)."""
+    o = self.options
+    memory = self.encoder(images, training=False)
+    out = self.sample(memory, num_samples=1, greedy=o.decode == "greedy", seed=tf.constant([o.seed, _SALT_DETECT]),
+                      temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, return_logits=True)
+    tokens, logits = out["tokens"][:, 0], out["logits"][:, 0]  # [B, L], [B, L, V]
+    # Every slot is a detection: score it with its conf distribution, whatever conf token was decoded.
+    every_slot = tf.where(sequence.token_kinds(self.seq_len) == sequence.CONF, o.max_conf, tokens)
+    found = sequence.sequence_to_detections(every_slot, logits=logits, **self.layout)
+    ymin, xmin, ymax, xmax = tf.unstack(found["boxes"], axis=-1)
+    boxes = tf.stack([tf.minimum(ymin, ymax), tf.minimum(xmin, xmax), tf.maximum(ymin, ymax),
+                      tf.maximum(xmin, xmax)], axis=-1)
+    order = tf.argsort(found["scores"], axis=-1, direction="DESCENDING", stable=True)
+    return {
+        "boxes": tf.gather(boxes, order, batch_dims=1),
+        "scores": tf.gather(found["scores"], order, batch_dims=1),
+        "classes": tf.gather(found["classes"], order, batch_dims=1),
+        "num_detections": tf.fill([tf.shape(tokens)[0]], o.num_boxes),
+    }
+
+  # === Config ===
+
+  def get_config(self):
+    config = super().get_config()
+    config.update(num_classes=self.num_classes, options=dataclasses.asdict(self.options))
+    return config
+
+
+def build(options: Pix2SeqOptions, *, num_classes, image_size, clip_norm=None):
+  return Pix2Seq(num_classes=num_classes, image_size=image_size, options=options, clip_norm=clip_norm)
