@@ -195,6 +195,8 @@ class ConditionalDecoderLayer(_Block):
     k = self.sa_k_content(tgt) + self.sa_k_pos(query_pos)
     v = self.sa_v(tgt)
     batch, num_total = tf.shape(tgt)[0], tgt.shape[1]
+    if num_total % num_groups:
+      raise ValueError(f"the {num_total} queries must split into num_groups={num_groups!r} equal groups.")
     grouped = [tf.reshape(t, [-1, num_total // num_groups, self.dim]) for t in (q, k, v)]  # [B*G, Q, D]
     attended = tf.reshape(attention(*grouped, self.num_heads), [batch, num_total, self.dim])  # [B, G*Q, D]
     tgt = self.norms[0](tgt + self.drop(self.sa_out(attended), training=training))
