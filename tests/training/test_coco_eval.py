@@ -13,6 +13,7 @@ from pycocotools.cocoeval import COCOeval
 from tfreward.data import transforms
 from tfreward.training import coco_eval
 from tfreward.training import eval_callback
+from tfreward.testing import BrightBoxDetector
 
 CANVAS = (64, 96)
 STAT_NAMES = ("mAP", "mAP50", "mAP75", "mAP_small", "mAP_medium", "mAP_large", "AR100")
@@ -237,44 +238,6 @@ def test_bad_inputs_raise():
 # --- CocoEvalCallback --------------------------------------------------------------------------------------------
 
 
-class BrightBoxDetector(keras.Model):
-  """Tiny detection model of the contract: detection 0 is the bounding box of the bright pixels (class 1), detection
-  1 the whole canvas (class 0), slot 2 padding."""
-
-  def __init__(self, image_size=(32, 48), **kwargs):
-    super().__init__(**kwargs)
-    self.image_size = tuple(image_size)
-    self.score_offset = self.add_weight(shape=(), initializer="zeros", name="score_offset")
-
-  def call(self, images):
-    return self.detect(images)["scores"]
-
-  def detect(self, images):
-    height, width = self.image_size
-    bright = tf.reduce_mean(tf.cast(images, tf.float32), axis=-1) > 127.5  # [B, H, W]
-
-    def span(mask, size):  # mask [B, size] -> first and one-past-last True index, normalised
-      first = tf.argmax(tf.cast(mask, tf.int32), axis=1, output_type=tf.int32)
-      last = size - tf.argmax(tf.cast(mask[:, ::-1], tf.int32), axis=1, output_type=tf.int32)
-      return tf.cast(first, tf.float32) / size, tf.cast(last, tf.float32) / size
-
-    y0, y1 = span(tf.reduce_any(bright, axis=2), height)
-    x0, x1 = span(tf.reduce_any(bright, axis=1), width)
-    batch = tf.shape(images)[0]
-    boxes = tf.stack([tf.stack([y0, x0, y1, x1], -1),
-                      tf.tile([[0.0, 0.0, 1.0, 1.0]], [batch, 1]),
-                      tf.tile([[0.5, 0.5, 1.0, 1.0]], [batch, 1])], axis=1)  # [B, 3, 4]
-    scores = tf.tile([[0.5, 0.25, 0.7]], [batch, 1]) + tf.constant([1.0, 1.0, 0.0]) * self.score_offset
-    classes = tf.tile(tf.constant([[1, 0, 3]], tf.int32), [batch, 1])
-    return {"boxes": boxes, "scores": scores, "classes": classes, "num_detections": tf.fill([batch], 2)}
-
-  def predict_step(self, data):
-    return self.detect(data[0] if isinstance(data, tuple) else data)
-
-  def train_step(self, data):
-    return {"loss": 0.0 * self.score_offset}
-
-
 def detection_dataset(batch_size=2):
   """Five 32x48-canvas images (originals 64x96, scale 0.5) with one white rectangle each, plus one padding example.
 
@@ -299,7 +262,7 @@ def detection_dataset(batch_size=2):
 
 def test_callback_evaluate_xla_equals_eager_and_direct_evaluator():
   dataset = detection_dataset()
-  model = BrightBoxDetector()
+  model = BrightBoxDetector(image_size=(32, 48))
   direct = coco_eval.CocoDetectionEvaluator(image_size=model.image_size)
   for images, labels in dataset:
     direct.update(model.detect(images), labels)
@@ -314,7 +277,7 @@ def test_callback_evaluate_xla_equals_eager_and_direct_evaluator():
 
 def test_callback_logs_metrics_every_n_epochs(capsys):
   dataset = detection_dataset()
-  model = BrightBoxDetector()
+  model = BrightBoxDetector(image_size=(32, 48))
   model.compile(optimizer="sgd")
   callback = eval_callback.CocoEvalCallback(dataset, every_n_epochs=2, class_names=["bg", "box", "x", "y"])
   history = model.fit(dataset.map(lambda images, labels: (images, labels["boxes"])), epochs=4,
@@ -330,12 +293,13 @@ def test_callback_logs_metrics_every_n_epochs(capsys):
 def test_callback_under_two_replica_fit(two_replica_strategy):
   dataset = detection_dataset()
   with two_replica_strategy.scope():
-    model = BrightBoxDetector()
+    model = BrightBoxDetector(image_size=(32, 48))
     model.compile(optimizer="sgd", jit_compile=False)
   callback = eval_callback.CocoEvalCallback(dataset, verbose=0, prefix="eval/")
   history = model.fit(dataset.map(lambda images, labels: (images, labels["boxes"])), epochs=1,
                       callbacks=[callback], verbose=0, shuffle=False)
-  direct = eval_callback.CocoEvalCallback(dataset, verbose=0, jit_compile=False).evaluate(BrightBoxDetector())
+  direct = eval_callback.CocoEvalCallback(dataset, verbose=0, jit_compile=False).evaluate(
+      BrightBoxDetector(image_size=(32, 48)))
   assert history.history["eval/mAP"] == [direct["mAP"]]
 
 

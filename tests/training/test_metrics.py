@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tfreward.training import eval_callback
 from tfreward.training import metrics
+from tfreward.testing import BrightSegmenter
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "data" / "streaming_miou" / "cases.npz"
 
@@ -211,27 +212,6 @@ def test_shape_mismatch_raises():
 # --- SegmentationEvalCallback ------------------------------------------------------------------------------------
 
 
-class BrightSegmenter(keras.Model):
-  """Tiny segmentation model of the contract: class 1 where the pixel mean exceeds a learned threshold."""
-
-  def __init__(self, image_size=(8, 8), **kwargs):
-    super().__init__(**kwargs)
-    self.image_size = tuple(image_size)
-    self.threshold = self.add_weight(shape=(), initializer=keras.initializers.Constant(127.5), name="threshold")
-
-  def call(self, images):
-    return self.segment(images)["logits"]
-
-  def segment(self, images):
-    gray = tf.reduce_mean(tf.cast(images, tf.float32), axis=-1)  # [B, H, W]
-    foreground = gray - self.threshold
-    logits = tf.stack([-foreground, foreground], axis=-1)  # [B, H, W, 2]
-    return {"logits": logits, "labels": tf.cast(foreground > 0, tf.int32)}
-
-  def train_step(self, data):
-    return {"loss": 0.0 * self.threshold}
-
-
 def segmentation_dataset(rng, num_examples=5, batch_size=2, size=(8, 8)):
   images = rng.integers(0, 256, [num_examples, *size, 3]).astype(np.uint8)
   mask = rng.integers(0, 2, [num_examples, *size]).astype(np.int32)
@@ -248,7 +228,7 @@ def segmentation_dataset(rng, num_examples=5, batch_size=2, size=(8, 8)):
 def test_segmentation_callback_evaluate_matches_numpy(jit_compile):
   rng = np.random.default_rng(4)
   dataset, images, mask = segmentation_dataset(rng)
-  model = BrightSegmenter()
+  model = BrightSegmenter(image_size=(8, 8))
   callback = eval_callback.SegmentationEvalCallback(dataset, num_classes=2, jit_compile=jit_compile, verbose=0)
   results = callback.evaluate(model)
   predicted = (images.astype(np.float32).mean(-1) > 127.5).astype(np.int32)
@@ -261,7 +241,7 @@ def test_segmentation_callback_evaluate_matches_numpy(jit_compile):
 def test_segmentation_callback_logs_every_n_epochs(capsys):
   rng = np.random.default_rng(5)
   dataset, _, _ = segmentation_dataset(rng)
-  model = BrightSegmenter()
+  model = BrightSegmenter(image_size=(8, 8))
   model.compile(optimizer="sgd")
   callback = eval_callback.SegmentationEvalCallback(dataset, num_classes=2, every_n_epochs=2, prefix="eval_")
   history = model.fit(dataset, epochs=4, callbacks=[callback], verbose=0, shuffle=False)
@@ -291,7 +271,7 @@ def test_segmentation_callback_under_two_replica_fit(two_replica_strategy):
   # training data here carries no `example_valid`; the evaluation dataset is never distributed.
   train = tf.data.Dataset.from_tensor_slices((images, mask)).batch(2)
   with two_replica_strategy.scope():
-    model = BrightSegmenter()
+    model = BrightSegmenter(image_size=(8, 8))
     model.compile(optimizer="sgd", jit_compile=False)
   callback = eval_callback.SegmentationEvalCallback(dataset, num_classes=2, verbose=0)
   history = model.fit(train, epochs=1, callbacks=[callback], verbose=0, shuffle=False)
