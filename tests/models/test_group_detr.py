@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tfreward import config as config_lib
-from tfreward import distribute, registry
+from tfreward import distribute, registry, testing
 from tfreward.config import ConfigError
 from tfreward.models import conditional_detr, detr_layers
 from tfreward.models.conditional_detr import ConditionalDetr
@@ -49,13 +49,6 @@ def _empty(labels):
 
 def _finite(tree):
   return all(np.all(np.isfinite(np.asarray(x))) for x in tf.nest.flatten(tree) if x is not None)
-
-
-def _split(strategy, images, labels):
-  half = images.shape[0] // 2
-  parts = [(images[:half], {k: v[:half] for k, v in labels.items()}),
-           (images[half:], {k: v[half:] for k, v in labels.items()})]
-  return strategy.experimental_distribute_values_from_function(lambda ctx: parts[ctx.replica_id_in_sync_group])
 
 
 # === Layers ===
@@ -177,24 +170,7 @@ def test_two_replicas_equal_one_replica(two_replica_strategy):
     mirrored = _model(**options)
     mirrored.compile(optimizer=keras.optimizers.AdamW(1e-2))
     mirrored.build_for_training()
-  mirrored.set_weights(single.get_weights())
-  grads, total, terms = single.compute_gradients(tf.constant(images), labels)
-  grads = single.clip_gradients(grads)
-
-  @tf.function
-  def replica_step(x, y):
-    g, t, parts = mirrored.compute_gradients(x, y)
-    return mirrored.clip_gradients(g), t, parts
-
-  per_replica = two_replica_strategy.run(replica_step, args=_split(two_replica_strategy, images, labels))
-  grads2, total2, terms2 = two_replica_strategy.reduce("SUM", per_replica, axis=None)
-  assert float(terms["loss_bbox"]) > 0.0
-  np.testing.assert_allclose(total2, total, rtol=1e-5)
-  for key in terms:
-    np.testing.assert_allclose(terms2[key], terms[key], rtol=1e-5, err_msg=key)
-  scale = max(float(tf.reduce_max(tf.abs(a))) for a in grads)
-  for v, a, b in zip(single.trainable_variables, grads, grads2):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale, err_msg=v.path)
+  grads, grads2 = testing.assert_replicas_match_single(single, mirrored, two_replica_strategy, images, labels)
   assert float(tf.linalg.global_norm([a - b for a, b in zip(grads, grads2)])) < 1e-5 * float(
       tf.linalg.global_norm(grads))
 
@@ -205,7 +181,7 @@ def test_two_replicas_equal_one_replica(two_replica_strategy):
   def distributed_step(data):
     return two_replica_strategy.run(mirrored.train_step, args=(data,))
 
-  logs = distributed_step(_split(two_replica_strategy, images, labels))
+  logs = distributed_step(testing.split_batch(two_replica_strategy, images, labels))
   np.testing.assert_allclose(two_replica_strategy.experimental_local_results(logs["loss"])[0],
                              single_logs["loss"], rtol=1e-5)
   for a, b in zip(single.trainable_variables, mirrored.trainable_variables):

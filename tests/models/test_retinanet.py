@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfreward import distribute, registry
+from tfreward import distribute, registry, testing
 from tfreward.config import ConfigError, load_config
 from tfreward.export import saved_model
 from tfreward.models import retinanet_layers
@@ -164,25 +164,7 @@ def test_two_replicas_equal_one_replica(two_replica_strategy):
   single = _model(clip_norm=1.0)
   with two_replica_strategy.scope():
     mirrored = _model(clip_norm=1.0)
-  mirrored.set_weights(single.get_weights())
-  grads, total, terms = single.compute_gradients(tf.constant(images), labels)
-  grads = single.clip_gradients(grads)
-
-  @tf.function
-  def replica_step(x, y):
-    g, t, parts = mirrored.compute_gradients(x, y)
-    return mirrored.clip_gradients(g), t, parts
-
-  halves = [(images[:4], {k: v[:4] for k, v in labels.items()}), (images[4:], {k: v[4:] for k, v in labels.items()})]
-  inputs = two_replica_strategy.experimental_distribute_values_from_function(
-      lambda ctx: halves[ctx.replica_id_in_sync_group])
-  g2, total2, terms2 = two_replica_strategy.reduce(
-      "SUM", two_replica_strategy.run(replica_step, args=inputs), axis=None)
-  np.testing.assert_allclose(total2, total, rtol=1e-5)
-  for k in terms:
-    np.testing.assert_allclose(terms2[k], terms[k], rtol=1e-5)
-  for a, b in zip(grads, g2):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  testing.assert_replicas_match_single(single, mirrored, two_replica_strategy, images, labels)
   # Synchronized BN: the moving statistics match too.
   for a, b in zip(single.non_trainable_weights, mirrored.non_trainable_weights):
     np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-7)

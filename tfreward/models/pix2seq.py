@@ -9,8 +9,9 @@ Modes (`Pix2SeqOptions.mode`; both share every weight, so a reward run starts fr
             conf token `max_conf`, then filler slots (`pix2seq_targets`): Pix2Seq's noise boxes with conf token 0
             (default), or empty slots that teach the model to stop.
   "reward": sample `num_samples` sequences per image inside the step (`tfreward.ops.sampling`, no gradient), reward
-            them (`tfreward.rewards.detection`), REINFORCE on sample 0 with the leave-one-out baseline plus the
-            confidence loss (`tfreward.losses.reinforce`; weights 1 and `conf_weight`). Logs `reward`; `fit` adds
+            them (`tfreward.rewards.detection`), REINFORCE on sample 0 (or on every sample, `reinforce_samples:
+            all`) with the leave-one-out baseline plus the confidence loss (`tfreward.losses.reinforce`; weights 1
+            and `conf_weight`); `freeze_encoder` tunes the decoder alone. Logs `reward`; `fit` adds
             `RewardStatsCallback` for per-threshold rewards, matches and duplicate penalties.
 Log-probabilities in both modes are restricted to each position's token kind, the distribution the sampler draws from.
 
@@ -75,6 +76,8 @@ class Pix2SeqOptions:
   sample_top_p: float = 1.0
   conf_weight: float = 0.3  # conf_w
   reinforce_conf: bool = True  # conf tokens in the REINFORCE term (the paper's choice; see losses.reinforce)
+  reinforce_samples: str = "first"  # train on sample 0 ("first", the seed's form) or on all N samples ("all")
+  freeze_encoder: bool = False  # reward mode: no gradient into the encoder (the decoder alone is tuned)
   nms_w: float = 0.3
   cls_smooth: float = 0.05
   reward_thr: tuple[float, ...] = detection.PAPER_REWARD_THR
@@ -85,7 +88,7 @@ class Pix2SeqOptions:
 
   def __post_init__(self):
     choices = {"mode": ("mle", "reward"), "order": ("random", "raster", "fixed"), "filler": ("noise", "empty"),
-               "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample")}
+               "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"), "reinforce_samples": ("first", "all")}
     for name, valid in choices.items():
       if getattr(self, name) not in valid:
         raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}.")
@@ -218,6 +221,8 @@ class Pix2Seq(TaskModel):
     memory = self.encoder(images, training=training)
     if self.options.mode == "mle":
       return self._mle_losses(memory, labels)
+    if self.options.freeze_encoder:
+      memory = tf.stop_gradient(memory)
     if samples is None:
       samples = self.sample(tf.stop_gradient(memory), num_samples=self.options.num_samples,
                             seed=self.step_seed(_SALT_SAMPLES), temperature=self.options.sample_temperature,
@@ -237,12 +242,18 @@ class Pix2Seq(TaskModel):
     gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
                                     seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
     rewards, aux = detection.detection_reward(samples, gt, **self.reward_config)  # [B, N]
-    baseline = reinforce.leave_one_out_baseline(rewards)
-    chosen = samples[:, 0]  # [B, L]
+    advantages = rewards - reinforce.leave_one_out_baseline(rewards)  # [B, N]
+    if self.options.reinforce_samples == "all":  # every sample, each against the mean of the others
+      num = samples.shape[1]
+      chosen = tf.reshape(samples, [-1, self.seq_len])  # [B * N, L], row b * N + n
+      memory = tf.repeat(memory, num, axis=0)
+      advantages = tf.reshape(advantages, [-1])
+      match_iou = tf.reshape(aux["match_iou"], [-1, self.options.num_boxes])
+    else:  # sample 0, as the seed
+      chosen, advantages, match_iou = samples[:, 0], advantages[:, 0], aux["match_iou"][:, 0]
     logits = self.decoder(self.decoder.shift_right(chosen), memory)
-    terms = reinforce.reinforce_losses(
-        logits=logits, tokens=chosen, advantages=rewards[:, 0] - baseline[:, 0], match_iou=aux["match_iou"][:, 0],
-        reinforce_conf=self.options.reinforce_conf, **self.layout)
+    terms = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages, match_iou=match_iou,
+                                       reinforce_conf=self.options.reinforce_conf, **self.layout)
     count = tf.maximum(distributed.global_sum(tf.cast(tf.size(rewards), tf.float32)), 1.0)
     terms["reward"] = tf.reduce_sum(rewards) / count
     terms["num_matches"] = tf.reduce_sum(aux["num_matches"]) / count
