@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tfreward import config as config_lib
-from tfreward import distribute, registry, testing
+from tfreward import registry, testing
 from tfreward.config import ConfigError
 from tfreward.models import conditional_detr, detr_layers
 from tfreward.models.conditional_detr import ConditionalDetr

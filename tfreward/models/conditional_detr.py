@@ -32,6 +32,7 @@ import tensorflow as tf
 from tfreward.config import ConfigError
 from tfreward.losses.detr import group_detr_loss
 from tfreward.models import detr_layers
+from tfreward.models import options as checks
 from tfreward.models.base import TaskModel
 from tfreward.ops import boxes as box_ops
 
@@ -65,16 +66,11 @@ class GroupDetrOptions:
   max_detections: int = 100
 
   def __post_init__(self):
-    if self.backbone not in detr_layers.BACKBONES:
-      raise ConfigError(f"model.backbone must be one of {', '.join(detr_layers.BACKBONES)}, got {self.backbone!r}.")
-    if self.backbone_weights not in (None, "imagenet") or (self.backbone_weights and self.backbone != "resnet50"):
-      raise ConfigError(f"model.backbone_weights must be null, or 'imagenet' with backbone resnet50, got "
-                        f"{self.backbone_weights!r} with {self.backbone!r}.")
-    for name in ("backbone_width", "backbone_stages", "hidden_dim", "num_heads", "encoder_layers",
-                 "decoder_layers", "ffn_dim", "num_queries", "num_groups", "max_detections"):
-      minimum = 0 if name == "encoder_layers" else 1
-      if getattr(self, name) < minimum:
-        raise ConfigError(f"model.{name} must be >= {minimum}, got {getattr(self, name)!r}.")
+    checks.check_choice("backbone", self.backbone, detr_layers.BACKBONES)
+    checks.check_backbone_weights(self.backbone_weights, self.backbone)
+    checks.check_at_least(self, ("encoder_layers",), 0)
+    checks.check_at_least(self, ("backbone_width", "backbone_stages", "hidden_dim", "num_heads", "decoder_layers",
+                                 "ffn_dim", "num_queries", "num_groups", "max_detections"))
     if self.hidden_dim % (2 * self.num_heads):
       raise ConfigError(f"model.hidden_dim must be a multiple of 2 * model.num_heads, got {self.hidden_dim!r} and "
                         f"{self.num_heads!r}.")

@@ -28,6 +28,7 @@ from tfreward.config import ConfigError
 from tfreward.losses.free_anchor import free_anchor_loss
 from tfreward.losses.retinanet import retinanet_loss
 from tfreward.models import retinanet_layers
+from tfreward.models import options as checks
 from tfreward.models.base import TaskModel
 from tfreward.ops import anchors as anchor_ops
 from tfreward.ops import box_coder
@@ -76,18 +77,11 @@ class RetinaNetOptions:
   pre_nms_top_k: int = 1000
 
   def __post_init__(self):
-    if self.loss not in LOSSES:
-      raise ConfigError(f"model.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}.")
-    if self.backbone not in retinanet_layers.BACKBONES:
-      raise ConfigError(f"model.backbone must be one of {', '.join(retinanet_layers.BACKBONES)}, got "
-                        f"{self.backbone!r}.")
-    if self.backbone_weights not in (None, "imagenet") or (self.backbone_weights and self.backbone != "resnet50"):
-      raise ConfigError(f"model.backbone_weights must be null, or 'imagenet' with backbone resnet50, got "
-                        f"{self.backbone_weights!r} with {self.backbone!r}.")
-    for name in ("backbone_width", "backbone_depth", "fpn_channels", "head_channels", "scales_per_octave",
-                 "pre_anchor_topk", "max_detections", "pre_nms_top_k"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}.")
+    checks.check_choice("loss", self.loss, LOSSES)
+    checks.check_choice("backbone", self.backbone, retinanet_layers.BACKBONES)
+    checks.check_backbone_weights(self.backbone_weights, self.backbone)
+    checks.check_at_least(self, ("backbone_width", "backbone_depth", "fpn_channels", "head_channels",
+                                 "scales_per_octave", "pre_anchor_topk", "max_detections", "pre_nms_top_k"))
     if self.head_convs < 0 or not 0 <= self.frozen_stages <= 4:
       raise ConfigError(f"model.head_convs must be >= 0 and model.frozen_stages in [0, 4], got "
                         f"{self.head_convs!r} and {self.frozen_stages!r}.")

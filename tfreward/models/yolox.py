@@ -26,6 +26,7 @@ import tensorflow as tf
 from tfreward.config import ConfigError
 from tfreward.losses.yolox import yolox_loss
 from tfreward.models import yolox_layers
+from tfreward.models import options as checks
 from tfreward.models.base import TaskModel
 from tfreward.ops import boxes as box_ops
 from tfreward.ops import nms
@@ -60,20 +61,14 @@ class YoloxOptions:
   pre_nms_top_k: int = 1000
 
   def __post_init__(self):
-    if self.size not in SIZES:
-      raise ConfigError(f"model.size must be one of {', '.join(SIZES)}, got {self.size!r}.")
+    checks.check_choice("size", self.size, SIZES)
     for name in ("depth_multiplier", "width_multiplier"):
       if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}.")
-    if self.iou_type not in ("iou", "giou"):
-      raise ConfigError(f"model.iou_type must be 'iou' or 'giou', got {self.iou_type!r}.")
-    if self.assigner not in ("exact", "fast"):
-      raise ConfigError(f"model.assigner must be 'exact' or 'fast', got {self.assigner!r}.")
-    if self.l1_last_epochs < 0:
-      raise ConfigError(f"model.l1_last_epochs must be >= 0, got {self.l1_last_epochs!r}.")
-    if self.max_detections < 1 or self.pre_nms_top_k < 1:
-      raise ConfigError(f"model.max_detections and model.pre_nms_top_k must be positive, got "
-                        f"{self.max_detections!r} and {self.pre_nms_top_k!r}.")
+    checks.check_choice("iou_type", self.iou_type, ("iou", "giou"))
+    checks.check_choice("assigner", self.assigner, ("exact", "fast"))
+    checks.check_at_least(self, ("l1_last_epochs",), 0)
+    checks.check_at_least(self, ("max_detections", "pre_nms_top_k"))
 
 
 class EnableL1LastEpochs(keras.callbacks.Callback):

@@ -1,0 +1,24 @@
+"""Validation of the `model:` options dataclasses: each check raises `ConfigError` naming the key and its value."""
+
+from tfreward.errors import ConfigError
+
+
+def check_choice(name, value, choices):
+  """`value` of key `model.<name>` must be one of `choices`."""
+  if value not in choices:
+    raise ConfigError(f"model.{name} must be one of {', '.join(map(str, choices))}, got {value!r}.")
+
+
+def check_at_least(options, names, minimum=1):
+  """Each attribute `names` of `options` must be >= `minimum`."""
+  for name in names:
+    value = getattr(options, name)
+    if value < minimum:
+      raise ConfigError(f"model.{name} must be >= {minimum}, got {value!r}.")
+
+
+def check_backbone_weights(weights, backbone):
+  """Pre-trained weights exist only for the ResNet-50 backbone: null, or "imagenet" with backbone resnet50."""
+  if weights not in (None, "imagenet") or (weights and backbone != "resnet50"):
+    raise ConfigError(f"model.backbone_weights must be null, or 'imagenet' with backbone resnet50, got {weights!r} "
+                      f"with {backbone!r}.")
