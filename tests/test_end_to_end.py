@@ -13,6 +13,7 @@ import yaml
 
 from tfreward import cli
 from tfreward.config import load_config
+from tfreward.export import served_detector
 from tfreward.training import trainer
 
 SERVE = r"""
@@ -71,6 +72,19 @@ def test_cli_train_evaluate_export_serve(tmp_path, data_dir, capsys):
   # Boxes come back in the original image's pixels (90 x 150), clipped to it.
   assert boxes[..., [0, 2]].max() <= 90 + 1e-3 and boxes[..., [1, 3]].max() <= 150 + 1e-3
   assert served["num_detections"] == [8, 8]
+  # The exported graph, evaluated as served on the evaluation split, scores what the trained weights score.
+  capsys.readouterr()
+  assert cli.main(["evaluate", "--model-dir", model_dir, "--saved-model"]) == 0
+  line = capsys.readouterr().out.strip().splitlines()[-1]
+  served_metrics = dict(item.split("=") for item in line.removeprefix("evaluation: ").split(", "))
+  for key in ("mAP", "mAP50", "AR100"):
+    np.testing.assert_allclose(float(served_metrics[key]), metrics[key], atol=2e-4, err_msg=key)
+  config = load_config(trainer.saved_config_dict(model_dir))
+  images, _ = next(iter(trainer.eval_dataset(config)))
+  direct = trainer.load_trained_model(config, model_dir).detect(images)
+  served_out = served_detector.ServedDetector(os.path.join(model_dir, "export"), (64, 64)).detect(images)
+  for key in direct:
+    np.testing.assert_allclose(served_out[key], direct[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def test_train_two_replicas(tmp_path, data_dir, two_replica_strategy, monkeypatch):

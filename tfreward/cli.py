@@ -1,7 +1,7 @@
 """Command line: `tfreward train|evaluate|export|data ...`.
 
   tfreward train CONFIG.yaml [--set key=value ...] [--model-dir DIR]
-  tfreward evaluate --model-dir DIR [--set key=value ...]
+  tfreward evaluate --model-dir DIR [--set key=value ...] [--saved-model [EXPORT_DIR]]
   tfreward export --model-dir DIR [--export-dir DIR]
   tfreward data preview [--dataset NAME] [--split SPLIT] [--out PNG] [--data-dir DIR]
   tfreward data build [--dataset NAME] [--data-dir DIR]
@@ -31,6 +31,9 @@ def _parser():
   evaluate = sub.add_parser("evaluate", help="evaluate a trained model on the evaluation split")
   evaluate.add_argument("--model-dir", required=True)
   evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+  evaluate.add_argument("--saved-model", nargs="?", const="", default=None, metavar="EXPORT_DIR",
+                        help="evaluate the exported SavedModel as served (default: <model-dir>/export) instead of "
+                        "the trained weights")
 
   export = sub.add_parser("export", help="export a trained model as a SavedModel for serving")
   export.add_argument("--model-dir", required=True)
@@ -66,7 +69,11 @@ def _run(args):
   elif args.command == "evaluate":
     from tfreward.training import trainer
     config = load_config(trainer.saved_config_dict(args.model_dir), args.overrides)
-    results = trainer.evaluate(config, args.model_dir)
+    if args.saved_model is None:
+      results = trainer.evaluate(config, args.model_dir)
+    else:
+      from tfreward.export.served_detector import evaluate_saved_model
+      results = evaluate_saved_model(config, args.saved_model or os.path.join(args.model_dir, "export"))
     print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
   elif args.command == "export":
     from tfreward.training import trainer

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfreward.export import saved_model
+from tfreward.errors import UserError
+from tfreward.export import saved_model, served_detector
 from tfreward.testing import BrightBoxDetector, BrightSegmenter
 
 # Runs in a fresh interpreter where keras, tf_keras and tfreward cannot be imported (TensorFlow only); prints the
@@ -86,7 +87,7 @@ def served(tmp_path_factory):
   proc = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, json.dumps(spec)],
                         capture_output=True, text=True, env=env, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return dict(json.loads(proc.stdout.strip().splitlines()[-1]), exports=spec["exports"], detector_model=detector)
 
 
 def test_detection_export_serves_original_pixels(served):
@@ -158,3 +159,19 @@ def test_bad_arguments(tmp_path):
   with pytest.raises(ValueError, match="image_size"):
     saved_model.export_saved_model(model, tmp_path / "x")
   assert not (tmp_path / "x").exists()
+
+
+def test_served_detector_equals_the_model_on_canvases(served, tmp_path):
+  images = np.zeros([2, 32, 32, 3], np.uint8)
+  images[0, 4:10, 20:30] = 255
+  images[1, 15:31, 2:9] = 255
+  wrapped = served_detector.ServedDetector(served["exports"]["detector"], (32, 32))
+  direct, through_serving = served["detector_model"].detect(images), wrapped.detect(tf.constant(images))
+  keep = np.arange(3)[None] < direct["num_detections"].numpy()[:, None]
+  for key in ("boxes", "scores", "classes"):
+    np.testing.assert_allclose(np.asarray(through_serving[key])[keep], np.asarray(direct[key])[keep], atol=1e-6)
+  np.testing.assert_array_equal(through_serving["num_detections"], direct["num_detections"])
+  with pytest.raises(UserError, match="not a detection model"):
+    served_detector.ServedDetector(served["exports"]["segmenter"], (32, 32))
+  with pytest.raises(UserError, match="no SavedModel"):
+    served_detector.ServedDetector(str(tmp_path / "missing"), (32, 32))
