@@ -3,6 +3,7 @@
   tfreward train CONFIG.yaml [--set key=value ...] [--model-dir DIR]
   tfreward evaluate --model-dir DIR [--set key=value ...] [--saved-model [EXPORT_DIR]]
   tfreward export --model-dir DIR [--export-dir DIR]
+  tfreward curves MODEL_DIR... [--label NAME ...] [--metric NAME ...] [--out PNG]
   tfreward data preview [--dataset NAME] [--split SPLIT] [--out PNG] [--data-dir DIR]
   tfreward data build [--dataset NAME] [--data-dir DIR]
 
@@ -38,6 +39,13 @@ def _parser():
   export = sub.add_parser("export", help="export a trained model as a SavedModel for serving")
   export.add_argument("--model-dir", required=True)
   export.add_argument("--export-dir", default=None, help="default: <model-dir>/export")
+
+  curves = sub.add_parser("curves", help="validation curves of runs side by side: a Markdown table and a PNG")
+  curves.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
+  curves.add_argument("--label", dest="labels", action="append", default=None, help="one per run (repeatable)")
+  curves.add_argument("--metric", dest="metrics", action="append", default=None,
+                      help="validation metric to show (repeatable; default: mAP and mAP50)")
+  curves.add_argument("--out", default=None, help="PNG path for the plot")
 
   data = sub.add_parser("data", help="build or look at a dataset")
   data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -79,6 +87,12 @@ def _run(args):
     from tfreward.training import trainer
     config = load_config(trainer.saved_config_dict(args.model_dir))
     print("exported to", trainer.export(config, args.model_dir, args.export_dir))
+  elif args.command == "curves":
+    from tfreward.training import curves
+    print(curves.compare_runs(args.model_dirs, labels=args.labels, metrics=args.metrics or ("mAP", "mAP50"),
+                              out=args.out))
+    if args.out:
+      print("plot written to", args.out)
   elif args.command == "data":
     from tfreward.data import shapes
     if args.data_command == "build":
