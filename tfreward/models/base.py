@@ -106,9 +106,20 @@ class TaskModel(keras.Model):
   def recipe_callbacks(self, existing=()):
     """Callbacks the family's training recipe needs (e.g. weight EMA), not already in `existing`.
 
-    The trainer puts them before every other callback, so evaluation and checkpoints see their effect.
+    The trainer puts them before every other callback, so evaluation and checkpoints see their effect; a plain
+    `model.fit` appends them after the given callbacks.
     """
     return []
+
+  def fit(self, *args, **kwargs):
+    """`keras.Model.fit`, plus the `recipe_callbacks()` missing from the given callbacks (appended after them)."""
+    args = list(args)
+    if len(args) > 5:  # callbacks given positionally: (x, y, batch_size, epochs, verbose, callbacks, ...)
+      args[5] = list(args[5] or []) + self.recipe_callbacks(args[5] or [])
+    else:
+      callbacks = list(kwargs.get("callbacks") or [])
+      kwargs["callbacks"] = callbacks + self.recipe_callbacks(callbacks)
+    return super().fit(*args, **kwargs)
 
   def build_for_training(self, optimizer=None):
     """Creates every variable (model and optimizer) from a dummy batch, inside the strategy scope.

@@ -181,16 +181,6 @@ class YoloxModel(TaskModel):
       callbacks.append(EnableL1LastEpochs(self.l1_last_epochs))
     return callbacks
 
-  def fit(self, *args, **kwargs):
-    """`keras.Model.fit`, plus `recipe_callbacks()` after the given callbacks."""
-    args = list(args)
-    if len(args) > 5:  # callbacks given positionally: (x, y, batch_size, epochs, verbose, callbacks, ...)
-      args[5] = list(args[5] or []) + self.recipe_callbacks(args[5] or [])
-    else:
-      callbacks = list(kwargs.get("callbacks") or [])
-      kwargs["callbacks"] = callbacks + self.recipe_callbacks(callbacks)
-    return super().fit(*args, **kwargs)
-
   # === Config ===
 
   def get_config(self):
