@@ -33,6 +33,7 @@ gathers are [B, M, k] (plus [B, M, k, 4] for boxes).
 
 import tensorflow as tf
 
+from tfreward.losses import smooth_l1
 from tfreward.ops import box_coder
 from tfreward.ops import boxes as box_ops
 from tfreward.ops.distributed import global_sum
@@ -56,13 +57,6 @@ def _bce_target_zero(x):
   def grad(dy):
     return dy * x / tf.maximum((1.0 - x) * x, EPS)
   return -tf.maximum(tf.math.log1p(-x), -100.0), grad
-
-
-def _smooth_l1(x, beta):
-  """0.5 x^2 / beta where |x| < beta, else |x| - 0.5 beta; the quadratic branch never sees |x| > beta (NaN-safe)."""
-  ax = tf.abs(x)
-  q = tf.minimum(ax, beta)
-  return tf.where(ax < beta, 0.5 * q * q / beta, ax - 0.5 * beta)
 
 
 def _check_range(name, value, low, high, low_open=False, high_open=False):
@@ -119,7 +113,7 @@ def positive_bag_terms(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt
                                    stds=target_stds)  # [B, M, k, 4]
   targets = tf.clip_by_value(targets, -_MAX_TARGET, _MAX_TARGET)
   matched_deltas = tf.gather(box_deltas, bag, batch_dims=1)  # [B, M, k, 4]
-  loc_loss = tf.reduce_sum(loss_weight * _smooth_l1(matched_deltas - targets, smoothl1_beta), axis=-1)
+  loc_loss = tf.reduce_sum(loss_weight * smooth_l1.smooth_l1(matched_deltas - targets, beta=float(smoothl1_beta)), axis=-1)
   matched_prob = matched_cls_prob * tf.exp(-loc_loss)  # [B, M, k]
   weight = 1.0 / tf.maximum(1.0 - matched_prob, EPS)
   weight = weight / tf.reduce_sum(weight, axis=-1, keepdims=True)
