@@ -127,11 +127,27 @@ def test_two_replica_shares_add_up_to_one_replica(two_replica_strategy):
     np.testing.assert_allclose(two_replica_strategy.reduce("SUM", per_replica[k], axis=None), single[k], rtol=1e-5)
 
 
+@pytest.mark.parametrize("constrained", [True, False])
+def test_separate_conf_logits_feed_only_the_confidence_loss(constrained):
+  logits, tokens, advantages, match_iou = _case()
+  other = _case(seed=1)[0]
+  mixed = _losses(logits, tokens, advantages, match_iou, conf_logits=other, constrained=constrained)
+  plain = _losses(logits, tokens, advantages, match_iou, constrained=constrained)
+  swapped = _losses(other, tokens, advantages, match_iou, constrained=constrained)
+  np.testing.assert_allclose(mixed["loss_reward"], plain["loss_reward"], rtol=1e-6)
+  np.testing.assert_allclose(mixed["loss_conf"], swapped["loss_conf"], rtol=1e-6)
+  same = _losses(logits, tokens, advantages, match_iou, conf_logits=logits, constrained=constrained)
+  for k in plain:
+    np.testing.assert_allclose(same[k], plain[k], rtol=1e-6)
+
+
 def test_bad_arguments():
   logits, tokens, advantages, match_iou = _case()
   with pytest.raises(ValueError, match="multiple of 6"):
     _losses(logits[:, :5], tokens[:, :5], advantages, match_iou)
   with pytest.raises(ValueError, match="logits must be"):
     _losses(logits[..., :-1], tokens, advantages, match_iou)
+  with pytest.raises(ValueError, match="conf_logits"):
+    _losses(logits, tokens, advantages, match_iou, conf_logits=logits[:, :6])
   with pytest.raises(ValueError, match="max_conf"):
     reinforce.confidence_targets(tokens[:, 5::6], match_iou, max_conf=0)

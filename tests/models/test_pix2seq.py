@@ -45,7 +45,8 @@ def _finite(values):
 
 def test_options_are_validated_and_registered():
   for bad in (dict(mode="ppo"), dict(num_samples=1), dict(dim=30, num_heads=4), dict(cls_counts="imagenet"),
-              dict(order="area"), dict(top_p=0.0)):
+              dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="best"), dict(freeze_encoder="yes"),
+              dict(conf_detach=1)):
     with pytest.raises(ConfigError):
       Pix2SeqOptions(**bad)
   options = registry.parse_options("pix2seq", {"mode": "reward", "num_boxes": 5, "cls_counts": [1, 2, 3]})
@@ -211,6 +212,52 @@ def test_mixed_bfloat16_runs():
   assert model.decoder.compute_dtype == "bfloat16" and total.dtype == tf.float32
   assert _finite(terms.values()) and _finite([g for g in grads if g is not None])
   assert detections["scores"].dtype == tf.float32 and _finite(detections.values())
+
+
+def test_all_samples_average_the_first_sample_losses_over_rotations():
+  images, labels = _batch(4, seed=3)
+  first, every = _model(), _model(reinforce_samples="all")
+  every.set_weights(first.get_weights())
+  images = tf.constant(images)
+  samples = first.sample(first.encoder(images), num_samples=3, seed=tf.constant([5, 6]))["tokens"]
+  terms = every.compute_losses(images, labels, training=True, samples=samples)
+  # The leave-one-out baseline is permutation-equivariant: sample n trained alone = the samples rotated to put n first.
+  rotated = [first.compute_losses(images, labels, training=True, samples=tf.roll(samples, -n, axis=1))
+             for n in range(3)]
+  for name in ("loss_reward", "loss_conf", "reward"):
+    np.testing.assert_allclose(terms[name], np.mean([r[name] for r in rotated]), rtol=1e-5, atol=1e-6)
+
+
+def test_freeze_encoder_and_conf_detach_cut_gradients():
+  images, labels = _batch(4, seed=4)
+  base = _model()
+  frozen = _model(freeze_encoder=True, conf_detach=True)
+  frozen.set_weights(base.get_weights())
+  images = tf.constant(images)
+  samples = base.sample(base.encoder(images), num_samples=3, seed=tf.constant([7, 8]))["tokens"]
+  gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed", seq_len=18,
+                                  **LAYOUT)
+  samples = tf.concat([gt[:, None], samples[:, 1:]], axis=1)  # sample 0 is rewarded: non-zero advantages
+
+  def grads(model, term):
+    with tf.GradientTape() as tape:
+      value = model.compute_losses(images, labels, training=True, samples=samples)[term]
+    return {v.path: g for v, g in zip(model.trainable_variables, tape.gradient(value, model.trainable_variables))}
+
+  base_terms = base.compute_losses(images, labels, training=True, samples=samples)
+  frozen_terms = frozen.compute_losses(images, labels, training=True, samples=samples)
+  for name in base_terms:  # same values, other gradients
+    np.testing.assert_allclose(frozen_terms[name], base_terms[name], rtol=1e-6)
+  norm = lambda g: 0.0 if g is None else float(tf.norm(tf.convert_to_tensor(g)))
+  conf, reward, base_conf = grads(frozen, "loss_conf"), grads(frozen, "loss_reward"), grads(base, "loss_conf")
+  for path in conf:
+    if "encoder" in path:
+      assert norm(conf[path]) == 0 and norm(reward[path]) == 0
+    elif "block" in path:  # decoder states: the confidence loss no longer reaches them, the REINFORCE term does
+      assert norm(conf[path]) == 0
+  assert sum(norm(g) for p, g in reward.items() if "block" in p) > 0
+  assert sum(norm(g) for p, g in base_conf.items() if "block" in p) > 0
+  assert norm(conf[frozen.decoder.head.kernel.path]) > 0
 
 
 def test_samples_are_only_for_reward_mode():

@@ -73,7 +73,7 @@ def confidence_targets(conf_tokens, match_iou, *, max_conf):
 
 
 def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_conf, num_cls, reinforce_conf=True,
-                     constrained=True):
+                     constrained=True, conf_logits=None):
   """REINFORCE and confidence losses of the chosen samples (this replica's shares).
 
   Args:
@@ -84,6 +84,8 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
     max_level, max_conf, num_cls: int. The `sequence.TokenLayout`; V must be its vocab_size.
     reinforce_conf: bool. Include conf tokens in the REINFORCE term (see the module docstring). Defaults to True.
     constrained: bool. Log-probabilities restricted to each position's token kind. Defaults to True.
+    conf_logits: optional [B, L, V] float logits for the confidence loss (e.g. computed from detached decoder states,
+      so that it trains the output layer only). Defaults to `logits`.
 
   Returns:
     dict of float32 scalars:
@@ -100,9 +102,16 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
     raise ValueError(f"logits must be [B, {tokens.shape[1]}, {layout.vocab_size}], got {logits.shape}.")
   tokens = tf.cast(tokens, tf.int32)
   length = tokens.shape[1]
+  if conf_logits is not None:
+    conf_logits = tf.cast(tf.convert_to_tensor(conf_logits), tf.float32)
+    if conf_logits.shape != logits.shape:
+      raise ValueError(f"conf_logits must have the shape of logits {logits.shape}, got {conf_logits.shape}.")
   if constrained:
     logits = sequence.constrain_logits(logits, max_level=max_level, max_conf=max_conf, num_cls=num_cls)
+    if conf_logits is not None:
+      conf_logits = sequence.constrain_logits(conf_logits, max_level=max_level, max_conf=max_conf, num_cls=num_cls)
   log_probs = tf.nn.log_softmax(logits, axis=-1)  # [B, L, V]
+  conf_log_probs = log_probs if conf_logits is None else tf.nn.log_softmax(conf_logits, axis=-1)
   token_log_prob = tf.gather(log_probs, tokens, axis=2, batch_dims=2)  # [B, L]
   advantages = tf.stop_gradient(tf.cast(advantages, tf.float32))
   include = tf.ones([length], tf.float32)
@@ -112,7 +121,7 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
   reward_sum = tf.reduce_sum(-advantages[:, None] * token_log_prob * weights)
   loss_reward = reward_sum / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)
 
-  conf_log_probs = log_probs[:, 5::6, :max_conf + 1]  # [B, S, K + 1]
+  conf_log_probs = conf_log_probs[:, 5::6, :max_conf + 1]  # [B, S, K + 1]
   target = confidence_targets(tokens[:, 5::6], tf.stop_gradient(match_iou), max_conf=max_conf)
   conf_ce = -tf.reduce_sum(target * conf_log_probs, axis=-1)  # [B, S]
   num_slots = distributed.global_sum(tf.cast(tf.size(conf_ce), tf.float32))

@@ -78,6 +78,7 @@ class Pix2SeqOptions:
   reinforce_conf: bool = True  # conf tokens in the REINFORCE term (the paper's choice; see losses.reinforce)
   reinforce_samples: str = "first"  # train on sample 0 ("first", the seed's form) or on all N samples ("all")
   freeze_encoder: bool = False  # reward mode: no gradient into the encoder (the decoder alone is tuned)
+  conf_detach: bool = False  # the confidence loss trains the output layer only, not the decoder states
   nms_w: float = 0.3
   cls_smooth: float = 0.05
   reward_thr: tuple[float, ...] = detection.PAPER_REWARD_THR
@@ -111,6 +112,9 @@ class Pix2SeqOptions:
     for name in ("top_p", "sample_top_p"):
       if not 0 < getattr(self, name) <= 1:
         raise ConfigError(f"model.{name} must be in (0, 1], got {getattr(self, name)!r}.")
+    for name in ("box_attention", "reinforce_conf", "freeze_encoder", "conf_detach"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}.")
     if isinstance(self.cls_counts, str) and self.cls_counts not in ("uniform", "coco"):
       raise ConfigError(f"model.cls_counts must be 'uniform', 'coco' or a list of counts, got {self.cls_counts!r}.")
 
@@ -251,9 +255,11 @@ class Pix2Seq(TaskModel):
       match_iou = tf.reshape(aux["match_iou"], [-1, self.options.num_boxes])
     else:  # sample 0, as the seed
       chosen, advantages, match_iou = samples[:, 0], advantages[:, 0], aux["match_iou"][:, 0]
-    logits = self.decoder(self.decoder.shift_right(chosen), memory)
+    logits, features = self.decoder(self.decoder.shift_right(chosen), memory, return_features=True)
+    conf_logits = self.decoder.head_logits(tf.stop_gradient(features)) if self.options.conf_detach else None
     terms = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages, match_iou=match_iou,
-                                       reinforce_conf=self.options.reinforce_conf, **self.layout)
+                                       reinforce_conf=self.options.reinforce_conf, conf_logits=conf_logits,
+                                       **self.layout)
     count = tf.maximum(distributed.global_sum(tf.cast(tf.size(rewards), tf.float32)), 1.0)
     terms["reward"] = tf.reduce_sum(rewards) / count
     terms["num_matches"] = tf.reduce_sum(aux["num_matches"]) / count

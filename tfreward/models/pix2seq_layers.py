@@ -299,7 +299,10 @@ class SequenceDecoder(keras.layers.Layer):
 
   def _logits(self, x):
     """Decoder states [B, T, D] -> float32 logits [B, T, V]."""
-    h = self.ln(x)
+    return self.head_logits(self.ln(x))
+
+  def head_logits(self, h):
+    """Normalised decoder states [B, T, D] (`call(..., return_features=True)`) -> float32 logits [B, T, V]."""
     logits = tf.cast(self.head(h), tf.float32)
     if self.coord_query is not None:
       start, stop = self.coord_tokens
@@ -350,15 +353,19 @@ class SequenceDecoder(keras.layers.Layer):
     guided = (tf.range(length) % 6 >= 4)[None, :, None]  # class and conf positions
     return tf.where(guided, self._box_cells(boxes), True)[:, None]
 
-  def call(self, inputs, memory):
+  def call(self, inputs, memory, return_features=False):
     """Teacher forcing. inputs [B, T] int32 (T <= seq_len, start token first), memory [B, S, D] -> [B, T, V] float32
-    logits; position t predicts the token after inputs[:, t]. Box guidance needs T to be a multiple of 6."""
+    logits; position t predicts the token after inputs[:, t]. Box guidance needs T to be a multiple of 6.
+    With `return_features`, also the normalised states [B, T, D] the head reads (see `head_logits`)."""
     length = inputs.shape[1]
     x = self._embed(inputs) + tf.cast(self.pos[:length], self.compute_dtype)
     causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)  # [T, T] lower triangle
     cross = self._teacher_cross_mask(inputs) if self.memory_hw is not None and length % 6 == 0 else None
     for block in self.blocks:
       x = block(x, block.cross_attn.keys_values(memory), causal, cross)
+    if return_features:
+      h = self.ln(x)
+      return self.head_logits(h), h
     return self._logits(x)
 
   def init_cache(self, memory):
