@@ -12,6 +12,7 @@ import tensorflow as tf
 from tfreward import config as config_lib
 from tfreward import registry, testing
 from tfreward.config import ConfigError
+from tfreward.export import saved_model, served_detector
 from tfreward.models import conditional_detr, detr_layers
 from tfreward.models.conditional_detr import ConditionalDetr
 
@@ -293,3 +294,15 @@ def test_resnet50_backbone_is_frozen_like_detr():
   assert names and not any(n.startswith(("conv1_", "conv2_")) or n.endswith("_bn") for n in names)
   with pytest.raises(ValueError, match="coco"):
     detr_layers.ResNet50Backbone(IMAGE_SIZE, weights="coco")
+
+
+def test_exported_saved_model_serves_the_first_group(tmp_path):
+  """The SavedModel's `serve_images` on canvases gives `detect`'s detections (first group only), in pixels."""
+  model = _model()
+  saved_model.export_saved_model(model, tmp_path / "export")
+  images = _batch(2, seed=7)[0]
+  direct = model.detect(tf.constant(images))
+  served = served_detector.ServedDetector(str(tmp_path / "export"), IMAGE_SIZE).detect(tf.constant(images))
+  for key in direct:
+    np.testing.assert_allclose(served[key], direct[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  assert served["boxes"].shape == (2, 100, 4) and served["num_detections"].numpy().tolist() == [6 * NUM_CLASSES] * 2
