@@ -46,7 +46,7 @@ def _finite(values):
 def test_options_are_validated_and_registered():
   for bad in (dict(mode="ppo"), dict(num_samples=1), dict(dim=30, num_heads=4), dict(cls_counts="imagenet"),
               dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="best"), dict(freeze_encoder="yes"),
-              dict(conf_detach=1)):
+              dict(conf_detach=1), dict(baseline="mean")):
     with pytest.raises(ConfigError):
       Pix2SeqOptions(**bad)
   options = registry.parse_options("pix2seq", {"mode": "reward", "num_boxes": 5, "cls_counts": [1, 2, 3]})
@@ -226,6 +226,17 @@ def test_all_samples_average_the_first_sample_losses_over_rotations():
              for n in range(3)]
   for name in ("loss_reward", "loss_conf", "reward"):
     np.testing.assert_allclose(terms[name], np.mean([r[name] for r in rotated]), rtol=1e-5, atol=1e-6)
+
+
+def test_greedy_baseline_gives_the_greedy_sequence_no_advantage():
+  images, labels = _batch(4, seed=5)
+  model = _model(baseline="greedy", reinforce_samples="all")
+  images = tf.constant(images)
+  greedy = model.sample(model.encoder(images), num_samples=1, greedy=True)["tokens"]
+  terms = model.compute_losses(images, labels, training=True, samples=tf.repeat(greedy, 3, axis=1))
+  assert float(terms["loss_reward"]) == 0.0 and _finite(terms.values())
+  step = tf.function(lambda x, y: model.compute_losses(x, y, training=True), jit_compile=True)
+  assert _finite(step(images, labels).values())
 
 
 def test_freeze_encoder_and_conf_detach_cut_gradients():

@@ -10,8 +10,9 @@ Modes (`Pix2SeqOptions.mode`; both share every weight, so a reward run starts fr
             (default), or empty slots that teach the model to stop.
   "reward": sample `num_samples` sequences per image inside the step (`tfreward.ops.sampling`, no gradient), reward
             them (`tfreward.rewards.detection`), REINFORCE on sample 0 (or on every sample, `reinforce_samples:
-            all`) with the leave-one-out baseline plus the confidence loss (`tfreward.losses.reinforce`; weights 1
-            and `conf_weight`); `freeze_encoder` tunes the decoder alone. Logs `reward`; `fit` adds
+            all`) with the leave-one-out baseline (or the greedy sequence's reward, `baseline: greedy`) plus the
+            confidence loss (`tfreward.losses.reinforce`; weights 1 and `conf_weight`, `conf_detach` keeps it out of
+            the decoder states); `freeze_encoder` tunes the decoder alone. Logs `reward`; `fit` adds
             `RewardStatsCallback` for per-threshold rewards, matches and duplicate penalties.
 Log-probabilities in both modes are restricted to each position's token kind, the distribution the sampler draws from.
 
@@ -77,6 +78,7 @@ class Pix2SeqOptions:
   conf_weight: float = 0.3  # conf_w
   reinforce_conf: bool = True  # conf tokens in the REINFORCE term (the paper's choice; see losses.reinforce)
   reinforce_samples: str = "first"  # train on sample 0 ("first", the seed's form) or on all N samples ("all")
+  baseline: str = "leave_one_out"  # or "greedy": the reward of the greedy sequence (self-critical)
   freeze_encoder: bool = False  # reward mode: no gradient into the encoder (the decoder alone is tuned)
   conf_detach: bool = False  # the confidence loss trains the output layer only, not the decoder states
   nms_w: float = 0.3
@@ -89,7 +91,8 @@ class Pix2SeqOptions:
 
   def __post_init__(self):
     choices = {"mode": ("mle", "reward"), "order": ("random", "raster", "fixed"), "filler": ("noise", "empty"),
-               "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"), "reinforce_samples": ("first", "all")}
+               "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"), "reinforce_samples": ("first", "all"),
+               "baseline": ("leave_one_out", "greedy")}
     for name, valid in choices.items():
       if getattr(self, name) not in valid:
         raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}.")
@@ -231,7 +234,10 @@ class Pix2Seq(TaskModel):
       samples = self.sample(tf.stop_gradient(memory), num_samples=self.options.num_samples,
                             seed=self.step_seed(_SALT_SAMPLES), temperature=self.options.sample_temperature,
                             top_k=self.options.sample_top_k, top_p=self.options.sample_top_p)["tokens"]
-    return self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)))
+    greedy = None
+    if self.options.baseline == "greedy":
+      greedy = tf.stop_gradient(self.sample(tf.stop_gradient(memory), num_samples=1, greedy=True)["tokens"])
+    return self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)), greedy)
 
   def _mle_losses(self, memory, labels):
     target, weights = pix2seq_targets.mle_targets(
@@ -242,12 +248,16 @@ class Pix2Seq(TaskModel):
     count = distributed.global_sum(tf.reduce_sum(weights))
     return {"loss_mle": tf.reduce_sum(ce * weights) / tf.maximum(count, 1.0)}
 
-  def _reward_losses(self, memory, labels, samples):
+  def _reward_losses(self, memory, labels, samples, greedy=None):
+    """samples [B, N, L] int32; greedy: optional [B, 1, L] int32, the greedy sequences (`baseline: greedy`)."""
     gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
                                     seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
     rewards, aux = detection.detection_reward(samples, gt, **self.reward_config)  # [B, N]
-    advantages = rewards - reinforce.leave_one_out_baseline(rewards)  # [B, N]
-    if self.options.reinforce_samples == "all":  # every sample, each against the mean of the others
+    if greedy is None:
+      advantages = rewards - reinforce.leave_one_out_baseline(rewards)  # [B, N]
+    else:
+      advantages = rewards - detection.detection_reward(greedy, gt, **self.reward_config)[0]  # [B, N] - [B, 1]
+    if self.options.reinforce_samples == "all":  # every sample, each with its own advantage
       num = samples.shape[1]
       chosen = tf.reshape(samples, [-1, self.seq_len])  # [B * N, L], row b * N + n
       memory = tf.repeat(memory, num, axis=0)
