@@ -46,7 +46,8 @@ def _finite(values):
 def test_options_are_validated_and_registered():
   for bad in (dict(mode="ppo"), dict(num_samples=1), dict(dim=30, num_heads=4), dict(cls_counts="imagenet"),
               dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="best"), dict(freeze_encoder="yes"),
-              dict(conf_detach=1), dict(baseline="mean")):
+              dict(conf_detach=1), dict(baseline="mean"), dict(advantage_floor="zero"),
+              dict(advantage_floor=float("nan"))):
     with pytest.raises(ConfigError):
       Pix2SeqOptions(**bad)
   options = registry.parse_options("pix2seq", {"mode": "reward", "num_boxes": 5, "cls_counts": [1, 2, 3]})
@@ -239,16 +240,39 @@ def test_greedy_baseline_gives_the_greedy_sequence_no_advantage():
   assert _finite(step(images, labels).values())
 
 
+def _rewarded_samples(model, images, labels, seed):
+  """[B, 3, 18] samples of `model` whose sample 0 holds the ground-truth boxes (rewarded: non-zero advantages); its
+  empty slots keep the model's own tokens, so every token is of its position's kind (finite log-probabilities)."""
+  samples = model.sample(model.encoder(images), num_samples=3, seed=tf.constant(seed))["tokens"]
+  gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed", seq_len=18,
+                                  **LAYOUT)
+  present = tf.repeat(gt[:, 5::6] > 0, 6, axis=1)  # [B, 18] slots holding an object
+  first = tf.where(present, gt, samples[:, 0])
+  return tf.concat([first[:, None], samples[:, 1:]], axis=1)
+
+
+def test_advantage_floor_clips_negative_advantages():
+  images, labels = _batch(4, seed=6)
+  images = tf.constant(images)
+  models = [_model(reinforce_samples="all", advantage_floor=floor) for floor in (None, -1e9, 0.0)]
+  for m in models[1:]:
+    m.set_weights(models[0].get_weights())
+  samples = _rewarded_samples(models[0], images, labels, seed=[3, 4])
+  plain, very_low, zero = [float(m.compute_losses(images, labels, training=True, samples=samples)["loss_reward"])
+                           for m in models]
+  assert very_low == plain
+  # -advantage * log p >= 0 once advantages are >= 0; the leave-one-out advantages of an image sum to 0, so unless
+  # they all vanish some are negative and clipping them changes the loss.
+  assert zero >= 0.0 and zero != plain
+
+
 def test_freeze_encoder_and_conf_detach_cut_gradients():
   images, labels = _batch(4, seed=4)
   base = _model()
   frozen = _model(freeze_encoder=True, conf_detach=True)
   frozen.set_weights(base.get_weights())
   images = tf.constant(images)
-  samples = base.sample(base.encoder(images), num_samples=3, seed=tf.constant([7, 8]))["tokens"]
-  gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed", seq_len=18,
-                                  **LAYOUT)
-  samples = tf.concat([gt[:, None], samples[:, 1:]], axis=1)  # sample 0 is rewarded: non-zero advantages
+  samples = _rewarded_samples(base, images, labels, seed=[7, 8])
 
   def grads(model, term):
     with tf.GradientTape() as tape:

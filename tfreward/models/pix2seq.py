@@ -25,7 +25,8 @@ as a detection, scored by the expected IoU its conf-token distribution implies; 
 """
 
 import dataclasses
-from typing import Union
+import math
+from typing import Optional, Union
 
 import keras
 import tensorflow as tf
@@ -81,6 +82,7 @@ class Pix2SeqOptions:
   baseline: str = "leave_one_out"  # or "greedy": the reward of the greedy sequence (self-critical)
   freeze_encoder: bool = False  # reward mode: no gradient into the encoder (the decoder alone is tuned)
   conf_detach: bool = False  # the confidence loss trains the output layer only, not the decoder states
+  advantage_floor: Optional[float] = None  # clip advantages from below, e.g. 0: only samples better than the baseline
   nms_w: float = 0.3
   cls_smooth: float = 0.05
   reward_thr: tuple[float, ...] = detection.PAPER_REWARD_THR
@@ -118,6 +120,10 @@ class Pix2SeqOptions:
     for name in ("box_attention", "reinforce_conf", "freeze_encoder", "conf_detach"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}.")
+    floor = self.advantage_floor
+    if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))
+                              or not math.isfinite(floor)):
+      raise ConfigError(f"model.advantage_floor must be null or a finite number, got {floor!r}.")
     if isinstance(self.cls_counts, str) and self.cls_counts not in ("uniform", "coco"):
       raise ConfigError(f"model.cls_counts must be 'uniform', 'coco' or a list of counts, got {self.cls_counts!r}.")
 
@@ -257,6 +263,8 @@ class Pix2Seq(TaskModel):
       advantages = rewards - reinforce.leave_one_out_baseline(rewards)  # [B, N]
     else:
       advantages = rewards - detection.detection_reward(greedy, gt, **self.reward_config)[0]  # [B, N] - [B, 1]
+    if self.options.advantage_floor is not None:
+      advantages = tf.maximum(advantages, float(self.options.advantage_floor))
     if self.options.reinforce_samples == "all":  # every sample, each with its own advantage
       num = samples.shape[1]
       chosen = tf.reshape(samples, [-1, self.seq_len])  # [B * N, L], row b * N + n
