@@ -45,7 +45,7 @@ def _finite(values):
 
 def test_options_are_validated_and_registered():
   for bad in (dict(mode="ppo"), dict(num_samples=1), dict(dim=30, num_heads=4), dict(cls_counts="imagenet"),
-              dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="best"), dict(freeze_encoder="yes"),
+              dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="worst"), dict(freeze_encoder="yes"),
               dict(conf_detach=1), dict(baseline="mean"), dict(advantage_floor="zero"),
               dict(advantage_floor=float("nan"))):
     with pytest.raises(ConfigError):
@@ -264,6 +264,24 @@ def test_advantage_floor_clips_negative_advantages():
   # -advantage * log p >= 0 once advantages are >= 0; the leave-one-out advantages of an image sum to 0, so unless
   # they all vanish some are negative and clipping them changes the loss.
   assert zero >= 0.0 and zero != plain
+
+
+def test_best_of_n_imitation_trains_the_reward_best_sequence():
+  images, labels = _batch(4, seed=8)
+  images = tf.constant(images)
+  model = _model(reinforce_samples="best")
+  samples = _rewarded_samples(model, images, labels, seed=[1, 2])
+  terms = model.compute_losses(images, labels, training=True, samples=samples)
+  # The reward-best sequence does not depend on the order of the samples; its loss is a positive NLL.
+  rotated = model.compute_losses(images, labels, training=True, samples=tf.roll(samples, 1, axis=1))
+  np.testing.assert_allclose(rotated["loss_reward"], terms["loss_reward"], rtol=1e-6)
+  assert float(terms["loss_reward"]) > 0.0 and _finite(terms.values())
+  # Imitating sample 0 (the ground truth boxes, best wherever an image has objects) differs from imitating greedy.
+  greedy = model.sample(model.encoder(images), num_samples=1, greedy=True)["tokens"]
+  only_greedy = model.compute_losses(images, labels, training=True, samples=tf.repeat(greedy, 3, axis=1))
+  assert float(only_greedy["loss_reward"]) != float(terms["loss_reward"])
+  step = tf.function(lambda x, y: model.compute_losses(x, y, training=True), jit_compile=True)
+  assert _finite(step(images, labels).values())
 
 
 def test_freeze_encoder_and_conf_detach_cut_gradients():

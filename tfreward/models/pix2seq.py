@@ -78,7 +78,8 @@ class Pix2SeqOptions:
   sample_top_p: float = 1.0
   conf_weight: float = 0.3  # conf_w
   reinforce_conf: bool = True  # conf tokens in the REINFORCE term (the paper's choice; see losses.reinforce)
-  reinforce_samples: str = "first"  # train on sample 0 ("first", the seed's form) or on all N samples ("all")
+  reinforce_samples: str = "first"  # train on sample 0 ("first", the seed's form), on all N samples ("all"), or
+  # ("best") imitate the reward-best of the greedy sequence and the samples of each image (advantage 1, no baseline)
   baseline: str = "leave_one_out"  # or "greedy": the reward of the greedy sequence (self-critical)
   freeze_encoder: bool = False  # reward mode: no gradient into the encoder (the decoder alone is tuned)
   conf_detach: bool = False  # the confidence loss trains the output layer only, not the decoder states
@@ -93,7 +94,8 @@ class Pix2SeqOptions:
 
   def __post_init__(self):
     choices = {"mode": ("mle", "reward"), "order": ("random", "raster", "fixed"), "filler": ("noise", "empty"),
-               "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"), "reinforce_samples": ("first", "all"),
+               "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"),
+               "reinforce_samples": ("first", "all", "best"),
                "baseline": ("leave_one_out", "greedy")}
     for name, valid in choices.items():
       if getattr(self, name) not in valid:
@@ -241,7 +243,7 @@ class Pix2Seq(TaskModel):
                             seed=self.step_seed(_SALT_SAMPLES), temperature=self.options.sample_temperature,
                             top_k=self.options.sample_top_k, top_p=self.options.sample_top_p)["tokens"]
     greedy = None
-    if self.options.baseline == "greedy":
+    if self.options.baseline == "greedy" or self.options.reinforce_samples == "best":
       greedy = tf.stop_gradient(self.sample(tf.stop_gradient(memory), num_samples=1, greedy=True)["tokens"])
     return self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)), greedy)
 
@@ -255,24 +257,33 @@ class Pix2Seq(TaskModel):
     return {"loss_mle": tf.reduce_sum(ce * weights) / tf.maximum(count, 1.0)}
 
   def _reward_losses(self, memory, labels, samples, greedy=None):
-    """samples [B, N, L] int32; greedy: optional [B, 1, L] int32, the greedy sequences (`baseline: greedy`)."""
+    """samples [B, N, L] int32; greedy: optional [B, 1, L] int32, the greedy sequences (`baseline: greedy` and
+    `reinforce_samples: best`)."""
     gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
                                     seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
     rewards, aux = detection.detection_reward(samples, gt, **self.reward_config)  # [B, N]
-    if greedy is None:
-      advantages = rewards - reinforce.leave_one_out_baseline(rewards)  # [B, N]
+    if self.options.reinforce_samples == "best":  # best-of-N imitation: the reward-best of greedy + samples
+      candidates = tf.concat([greedy, samples], axis=1)  # [B, 1 + N, L]
+      candidate_rewards, candidate_aux = detection.detection_reward(candidates, gt, **self.reward_config)
+      best = tf.argmax(candidate_rewards, axis=1, output_type=tf.int32)  # [B]; ties go to the greedy sequence
+      chosen = tf.gather(candidates, best, batch_dims=1)
+      match_iou = tf.gather(candidate_aux["match_iou"], best, batch_dims=1)
+      advantages = tf.ones_like(candidate_rewards[:, 0])
     else:
-      advantages = rewards - detection.detection_reward(greedy, gt, **self.reward_config)[0]  # [B, N] - [B, 1]
-    if self.options.advantage_floor is not None:
-      advantages = tf.maximum(advantages, float(self.options.advantage_floor))
-    if self.options.reinforce_samples == "all":  # every sample, each with its own advantage
-      num = samples.shape[1]
-      chosen = tf.reshape(samples, [-1, self.seq_len])  # [B * N, L], row b * N + n
-      memory = tf.repeat(memory, num, axis=0)
-      advantages = tf.reshape(advantages, [-1])
-      match_iou = tf.reshape(aux["match_iou"], [-1, self.options.num_boxes])
-    else:  # sample 0, as the seed
-      chosen, advantages, match_iou = samples[:, 0], advantages[:, 0], aux["match_iou"][:, 0]
+      if greedy is None:
+        advantages = rewards - reinforce.leave_one_out_baseline(rewards)  # [B, N]
+      else:
+        advantages = rewards - detection.detection_reward(greedy, gt, **self.reward_config)[0]  # [B, N] - [B, 1]
+      if self.options.advantage_floor is not None:
+        advantages = tf.maximum(advantages, float(self.options.advantage_floor))
+      if self.options.reinforce_samples == "all":  # every sample, each with its own advantage
+        num = samples.shape[1]
+        chosen = tf.reshape(samples, [-1, self.seq_len])  # [B * N, L], row b * N + n
+        memory = tf.repeat(memory, num, axis=0)
+        advantages = tf.reshape(advantages, [-1])
+        match_iou = tf.reshape(aux["match_iou"], [-1, self.options.num_boxes])
+      else:  # sample 0, as the seed
+        chosen, advantages, match_iou = samples[:, 0], advantages[:, 0], aux["match_iou"][:, 0]
     logits, features = self.decoder(self.decoder.shift_right(chosen), memory, return_features=True)
     conf_logits = self.decoder.head_logits(tf.stop_gradient(features)) if self.options.conf_detach else None
     terms = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages, match_iou=match_iou,
