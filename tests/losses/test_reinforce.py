@@ -54,6 +54,26 @@ def test_matches_the_seed_loss_fn(reinforce_conf):
   np.testing.assert_allclose(0.3 * terms["loss_conf"], expected_conf, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reinforce_conf", [True, False])
+def test_padding_slots_left_out_of_reinforce(reinforce_conf):
+  """reinforce_padding=False: the mean of -advantage * log p over the tokens of slots sampled as boxes (and the conf
+  tokens of every slot when reinforce_conf), in numpy; the confidence loss is unchanged."""
+  logits, tokens, advantages, match_iou = _case(seed=3)
+  assert (tokens[:, 5::6] == 0).any() and (tokens[:, 5::6] > 0).any()
+  terms = _losses(logits, tokens, advantages, match_iou, reinforce_conf=reinforce_conf, constrained=False,
+                  reinforce_padding=False)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  token_log_prob = np.take_along_axis(log_softmax, tokens[..., None], -1)[..., 0]  # [B, L]
+  is_conf = np.arange(tokens.shape[1]) % 6 == 5
+  present = np.repeat(tokens[:, 5::6] > 0, 6, axis=1)
+  keep = (present & ~is_conf) | (is_conf & reinforce_conf)
+  expected = np.sum(-advantages[:, None] * token_log_prob * keep) / keep.sum()
+  np.testing.assert_allclose(terms["loss_reward"], expected, rtol=1e-5)
+  full = _losses(logits, tokens, advantages, match_iou, reinforce_conf=reinforce_conf, constrained=False)
+  np.testing.assert_allclose(terms["loss_conf"], full["loss_conf"], rtol=1e-6)
+
+
 def test_constrained_log_probs_are_those_of_each_kind():
   logits, tokens, advantages, match_iou = _case()
   constrained = sequence.constrain_logits(logits, **LAYOUT).numpy()

@@ -46,7 +46,7 @@ def _finite(values):
 def test_options_are_validated_and_registered():
   for bad in (dict(mode="ppo"), dict(num_samples=1), dict(dim=30, num_heads=4), dict(cls_counts="imagenet"),
               dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="worst"), dict(freeze_encoder="yes"),
-              dict(conf_detach=1), dict(baseline="mean"), dict(advantage_floor="zero"),
+              dict(conf_detach=1), dict(reinforce_padding="no"), dict(baseline="mean"), dict(advantage_floor="zero"),
               dict(advantage_floor=float("nan"))):
     with pytest.raises(ConfigError):
       Pix2SeqOptions(**bad)

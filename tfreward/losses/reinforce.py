@@ -73,7 +73,7 @@ def confidence_targets(conf_tokens, match_iou, *, max_conf):
 
 
 def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_conf, num_cls, reinforce_conf=True,
-                     constrained=True, conf_logits=None):
+                     constrained=True, conf_logits=None, reinforce_padding=True):
   """REINFORCE and confidence losses of the chosen samples (this replica's shares).
 
   Args:
@@ -86,6 +86,10 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
     constrained: bool. Log-probabilities restricted to each position's token kind. Defaults to True.
     conf_logits: optional [B, L, V] float logits for the confidence loss (e.g. computed from detached decoder states,
       so that it trains the output layer only). Defaults to `logits`.
+    reinforce_padding: bool. Include the coordinate and class tokens of slots sampled as padding (conf token 0) in
+      the REINFORCE term, as the seed does. False leaves them out, as MLE leaves out the coordinates and classes of
+      noise boxes: their near-uniform tokens carry no information but the largest score-function gradients.
+      Defaults to True.
 
   Returns:
     dict of float32 scalars:
@@ -118,6 +122,10 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
   if not reinforce_conf:
     include = tf.cast(tf.not_equal(sequence.token_kinds(length), sequence.CONF), tf.float32)
   weights = include[None, :] * tf.ones_like(token_log_prob)  # [B, L]
+  if not reinforce_padding:
+    present = tf.repeat(tokens[:, 5::6] > 0, sequence.TOKENS_PER_BOX, axis=1)  # [B, L] slot sampled as a box
+    is_conf = tf.equal(sequence.token_kinds(length), sequence.CONF)[None, :]
+    weights *= tf.cast(present | is_conf, tf.float32)
   reward_sum = tf.reduce_sum(-advantages[:, None] * token_log_prob * weights)
   loss_reward = reward_sum / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)
 

@@ -83,6 +83,7 @@ class Pix2SeqOptions:
   baseline: str = "leave_one_out"  # or "greedy": the reward of the greedy sequence (self-critical)
   freeze_encoder: bool = False  # reward mode: no gradient into the encoder (the decoder alone is tuned)
   conf_detach: bool = False  # the confidence loss trains the output layer only, not the decoder states
+  reinforce_padding: bool = True  # coords and class of slots sampled as padding in REINFORCE (seed: yes)
   advantage_floor: Optional[float] = None  # clip advantages from below, e.g. 0: only samples better than the baseline
   nms_w: float = 0.3
   cls_smooth: float = 0.05
@@ -119,7 +120,7 @@ class Pix2SeqOptions:
     for name in ("top_p", "sample_top_p"):
       if not 0 < getattr(self, name) <= 1:
         raise ConfigError(f"model.{name} must be in (0, 1], got {getattr(self, name)!r}.")
-    for name in ("box_attention", "reinforce_conf", "freeze_encoder", "conf_detach"):
+    for name in ("box_attention", "reinforce_conf", "freeze_encoder", "conf_detach", "reinforce_padding"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}.")
     floor = self.advantage_floor
@@ -288,7 +289,7 @@ class Pix2Seq(TaskModel):
     conf_logits = self.decoder.head_logits(tf.stop_gradient(features)) if self.options.conf_detach else None
     terms = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages, match_iou=match_iou,
                                        reinforce_conf=self.options.reinforce_conf, conf_logits=conf_logits,
-                                       **self.layout)
+                                       reinforce_padding=self.options.reinforce_padding, **self.layout)
     count = tf.maximum(distributed.global_sum(tf.cast(tf.size(rewards), tf.float32)), 1.0)
     terms["reward"] = tf.reduce_sum(rewards) / count
     terms["num_matches"] = tf.reduce_sum(aux["num_matches"]) / count
