@@ -34,6 +34,7 @@ import tensorflow as tf
 from tfreward.config import ConfigError
 from tfreward.losses import reinforce
 from tfreward.models import pix2seq_layers as layers
+from tfreward.models import options as checks
 from tfreward.models import pix2seq_targets
 from tfreward.models.base import TaskModel
 from tfreward.ops import distributed
@@ -96,18 +97,12 @@ class Pix2SeqOptions:
   def __post_init__(self):
     choices = {"mode": ("mle", "reward"), "order": ("random", "raster", "fixed"), "filler": ("noise", "empty"),
                "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"),
-               "reinforce_samples": ("first", "all", "best"),
-               "baseline": ("leave_one_out", "greedy")}
+               "reinforce_samples": ("first", "all", "best"), "baseline": ("leave_one_out", "greedy")}
     for name, valid in choices.items():
-      if getattr(self, name) not in valid:
-        raise ConfigError(f"model.{name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}.")
-    for name in ("max_level", "max_conf", "num_boxes", "encoder_width", "encoder_stages", "dim", "decoder_layers",
-                 "num_heads", "mlp_ratio"):
-      if getattr(self, name) < 1:
-        raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}.")
-    if self.encoder_layers < 0 or self.top_k < 0 or self.sample_top_k < 0:
-      raise ConfigError(f"model.encoder_layers, top_k and sample_top_k must be >= 0, got {self.encoder_layers!r}, "
-                        f"{self.top_k!r}, {self.sample_top_k!r}.")
+      checks.check_choice(name, getattr(self, name), valid)
+    checks.check_at_least(self, ("max_level", "max_conf", "num_boxes", "encoder_width", "encoder_stages", "dim",
+                                 "decoder_layers", "num_heads", "mlp_ratio"))
+    checks.check_at_least(self, ("encoder_layers", "top_k", "sample_top_k"), 0)
     if self.dim % self.num_heads or self.dim % 4:
       raise ConfigError(f"model.dim must be a multiple of 4 and of model.num_heads, got {self.dim!r} and "
                         f"{self.num_heads!r}.")
