@@ -264,6 +264,8 @@ def test_advantage_floor_clips_negative_advantages():
   # -advantage * log p >= 0 once advantages are >= 0; the leave-one-out advantages of an image sum to 0, so unless
   # they all vanish some are negative and clipping them changes the loss.
   assert zero >= 0.0 and zero != plain
+  compiled = tf.function(lambda x, y, z: models[2].compute_losses(x, y, training=True, samples=z), jit_compile=True)
+  np.testing.assert_allclose(compiled(images, labels, samples)["loss_reward"], zero, rtol=1e-5)
 
 
 def test_best_of_n_imitation_trains_the_reward_best_sequence():
