@@ -90,6 +90,33 @@ def test_leave_one_out_baseline():
   np.testing.assert_allclose(reinforce.leave_one_out_baseline(rewards), expected)
   with pytest.raises(ValueError, match="N >= 2"):
     reinforce.leave_one_out_baseline(np.ones([2, 1], np.float32))
+  # Trailing axes (per-slot returns [B, N, S]) are baselined independently.
+  per_slot = np.stack([rewards, 2 * rewards], axis=-1)
+  np.testing.assert_allclose(reinforce.leave_one_out_baseline(per_slot), np.stack([expected, 2 * expected], -1))
+
+
+def test_slot_returns_are_the_reward_left_after_each_prefix():
+  rewards = np.array([[3.0, 1.0]], np.float32)  # [B, N]
+  prefix = np.array([[[0.0, 1.0, 2.5], [0.0, 0.0, 1.0]]], np.float32)  # [B, N, S]
+  np.testing.assert_allclose(reinforce.slot_returns(rewards, prefix), [[[3.0, 2.0, 0.5], [1.0, 1.0, 0.0]]])
+
+
+def test_per_slot_advantages_weight_each_slot_tokens():
+  logits, tokens, advantages, match_iou = _case(seed=5)
+  same = _losses(logits, tokens, np.repeat(advantages[:, None], 3, axis=1), match_iou)
+  np.testing.assert_allclose(same["loss_reward"], _losses(logits, tokens, advantages, match_iou)["loss_reward"],
+                             rtol=1e-6)
+  # Advantage only on slot 1: the loss is that slot's six tokens' share of the sequence-level loss.
+  only = np.zeros([4, 3], np.float32)
+  only[:, 1] = advantages
+  log_probs = tf.nn.log_softmax(sequence.constrain_logits(logits, **LAYOUT)).numpy()
+  token_log_prob = np.take_along_axis(log_probs, tokens[..., None], -1)[..., 0]  # [B, L]
+  expected = -np.sum(advantages[:, None] * token_log_prob[:, 6:12]) / token_log_prob.size
+  np.testing.assert_allclose(_losses(logits, tokens, only, match_iou)["loss_reward"], expected, rtol=1e-5)
+  with pytest.raises(ValueError, match=r"per-slot advantages must be \[B, 3\]"):
+    _losses(logits, tokens, np.zeros([4, 2], np.float32), match_iou)
+  with pytest.raises(ValueError, match=r"\[B\] or \[B, L // 6\]"):
+    _losses(logits, tokens, np.zeros([4, 3, 1], np.float32), match_iou)
 
 
 def test_confidence_targets():

@@ -12,7 +12,10 @@ from tfreward.config import ConfigError
 from tfreward.export.saved_model import export_saved_model
 from tfreward.models import pix2seq_targets
 from tfreward.models.pix2seq import Pix2Seq, Pix2SeqOptions
+from tfreward.losses import reinforce
 from tfreward.ops import sequence
+from tfreward.rewards import detection
+from tfreward.training.reward_callback import RewardStatsCallback
 
 IMAGE_SIZE = (32, 32)
 TINY = dict(max_level=16, num_boxes=3, encoder_width=8, encoder_stages=2, encoder_layers=1, dim=16, decoder_layers=1,
@@ -47,7 +50,8 @@ def test_options_are_validated_and_registered():
   for bad in (dict(mode="ppo"), dict(num_samples=1), dict(dim=30, num_heads=4), dict(cls_counts="imagenet"),
               dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="worst"), dict(freeze_encoder="yes"),
               dict(conf_detach=1), dict(reinforce_padding="no"), dict(baseline="mean"), dict(advantage_floor="zero"),
-              dict(advantage_floor=float("nan"))):
+              dict(advantage_floor=float("nan")), dict(credit="token"), dict(credit="slot", reinforce_samples="best"),
+              dict(mle_weight=-1.0), dict(mle_weight=True), dict(mle_weight=float("inf"))):
     with pytest.raises(ConfigError):
       Pix2SeqOptions(**bad)
   options = registry.parse_options("pix2seq", {"mode": "reward", "num_boxes": 5, "cls_counts": [1, 2, 3]})
@@ -284,6 +288,76 @@ def test_best_of_n_imitation_trains_the_reward_best_sequence():
   assert float(only_greedy["loss_reward"]) != float(terms["loss_reward"])
   step = tf.function(lambda x, y: model.compute_losses(x, y, training=True), jit_compile=True)
   assert _finite(step(images, labels).values())
+
+
+@pytest.mark.parametrize("reinforce_samples", ["first", "all"])
+def test_slot_credit_gives_each_slot_the_reward_earned_from_it_on(reinforce_samples):
+  images, labels = _batch(4, seed=9)
+  images = tf.constant(images)
+  model = _model(credit="slot", reinforce_samples=reinforce_samples)
+  samples = _rewarded_samples(model, images, labels, seed=[7, 8])
+  terms = model.compute_losses(images, labels, training=True, samples=samples)
+  # By hand: the reward of each sample cut before slot k (slots k.. made padding), returns, leave-one-out baselines.
+  gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed", seq_len=18,
+                                  **LAYOUT)
+  reward = lambda seqs: detection.detection_reward(seqs, gt, **model.reward_config)[0].numpy()  # [B, N]
+  full = reward(samples)
+  kinds = sequence.token_kinds(18).numpy()
+  returns = np.stack([full - reward(tf.where((np.arange(18) // 6 < k) | (kinds != sequence.CONF), samples, 0))
+                      for k in range(3)], axis=-1)  # [B, N, S]
+  np.testing.assert_allclose(returns[..., 0], full, atol=1e-6)  # slot 0 earns the whole reward
+  advantages = returns - (returns.sum(1, keepdims=True) - returns) / 2.0
+  chosen, memory = samples[:, 0], model.encoder(images)
+  if reinforce_samples == "all":
+    chosen, memory, advantages = tf.reshape(samples, [-1, 18]), tf.repeat(memory, 3, axis=0), advantages.reshape(-1, 3)
+  else:
+    advantages = advantages[:, 0]
+  logits = model.decoder(model.decoder.shift_right(chosen), memory)
+  expected = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages,
+                                        match_iou=tf.zeros([chosen.shape[0], 3]), **LAYOUT)["loss_reward"]
+  np.testing.assert_allclose(terms["loss_reward"], expected, rtol=1e-5, atol=1e-7)
+  # Differs from sequence-level credit, and compiles.
+  plain = _model(reinforce_samples=reinforce_samples)
+  plain.set_weights(model.get_weights())
+  assert float(plain.compute_losses(images, labels, training=True, samples=samples)["loss_reward"]) != float(
+      terms["loss_reward"])
+  step = tf.function(lambda x, y, z: model.compute_losses(x, y, training=True, samples=z), jit_compile=True)
+  np.testing.assert_allclose(step(images, labels, samples)["loss_reward"], terms["loss_reward"], rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_slot_credit_with_greedy_baseline_compiles():
+  images, labels = _batch(4, seed=10)
+  model = _model(credit="slot", baseline="greedy", reinforce_samples="all")
+  step = tf.function(lambda x, y: model.compute_losses(x, y, training=True), jit_compile=True)
+  assert _finite(step(tf.constant(images), labels).values())
+
+
+def test_mle_weight_adds_the_ground_truth_nll():
+  images, labels = _batch(4, seed=11)
+  images = tf.constant(images)
+  anchored = _model(mle_weight=0.5, order="raster")
+  mle = _model(mode="mle", order="raster")
+  mle.set_weights(anchored.get_weights())
+  terms = anchored.compute_losses(images, labels, training=True)
+  np.testing.assert_allclose(terms["loss_mle"], mle.compute_losses(images, labels, training=True)["loss_mle"],
+                             rtol=1e-6)
+  assert anchored.loss_weights["loss_mle"] == 0.5 and "loss_mle" in anchored.log_names
+  assert "loss_mle" not in _model().loss_weights
+
+
+def test_fit_puts_reward_statistics_first_once(monkeypatch, tmp_path):
+  monkeypatch.setattr(keras.Model, "fit", lambda self, *args, **kwargs: (args, kwargs))
+  model = _model()
+  board, history = keras.callbacks.TensorBoard(str(tmp_path)), keras.callbacks.History()
+  _, kwargs = model.fit("data", callbacks=[history, board])
+  stats = kwargs["callbacks"][0]
+  assert isinstance(stats, RewardStatsCallback) and kwargs["callbacks"][1:] == [history, board]
+  assert stats.log_dir == f"{tmp_path}/reward"
+  mine = RewardStatsCallback()
+  args, _ = model.fit("data", None, None, 1, 0, [mine])
+  assert args[5] == [mine]
+  assert _model(mode="mle").recipe_callbacks([board]) == []
 
 
 def test_freeze_encoder_and_conf_detach_cut_gradients():

@@ -249,10 +249,11 @@ def test_fit_adds_recipe_callbacks_once(monkeypatch, model):
   model = YoloxModel(num_classes=NUM_CLASSES, image_size=IMAGE_SIZE, ema=True, l1_last_epochs=3)
   monkeypatch.setattr(keras.Model, "fit", lambda self, *args, **kwargs: (args, kwargs))
   _, kwargs = model.fit("data", callbacks=[keras.callbacks.History()])
-  assert [type(c) for c in kwargs["callbacks"]] == [keras.callbacks.History, ModelEMA, yolox.EnableL1LastEpochs]
+  # Recipe callbacks go first: the given callbacks (evaluation, logging) see the EMA weights.
+  assert [type(c) for c in kwargs["callbacks"]] == [ModelEMA, yolox.EnableL1LastEpochs, keras.callbacks.History]
   mine = ModelEMA(decay=0.99)
   args, _ = model.fit("data", None, None, 1, 0, [mine])
-  assert args[5][0] is mine and [type(c) for c in args[5]] == [ModelEMA, yolox.EnableL1LastEpochs]
+  assert args[5][1] is mine and [type(c) for c in args[5]] == [yolox.EnableL1LastEpochs, ModelEMA]
   assert plain.recipe_callbacks() == []
 
 

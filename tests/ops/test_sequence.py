@@ -247,6 +247,8 @@ def test_token_kinds_and_allowed_tokens():
      "max_conf=2"),
     (lambda: sequence.constrain_logits(np.zeros((1, 12, 5), np.float32), **PAPER), "1084"),
     (lambda: sequence.token_kinds(0), "seq_len"),
+    (lambda: sequence.slot_prefixes(np.zeros((1, 10), np.int32)), "multiple of 6"),
+    (lambda: sequence.slot_prefixes(np.zeros((1, 12), np.float32)), "integer"),
 ])
 def test_bad_inputs_raise(call, match):
   with pytest.raises(ValueError, match=match):

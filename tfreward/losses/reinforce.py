@@ -4,6 +4,7 @@ Reward tuning samples N sequences per image, rewards them (`tfreward.rewards.det
 (the chosen sample) with
 
   loss_reward = mean over positions of  -(r - b) * log p(token)            b = mean reward of the other N - 1 samples
+    (or, per slot, the slot's return `slot_returns` minus the mean return of the other samples at that slot)
   loss_conf   = mean over box slots of   CE(target, p(conf token))          conf_w = 0.3 is applied by the model
     target = [1, 0, 0] for a slot sampled as padding (conf token 0),
              [0, 1 - IoU, IoU] for a sampled box, IoU = its match IoU at the correct threshold (0 if unmatched).
@@ -34,17 +35,35 @@ def leave_one_out_baseline(rewards):
   """The mean reward of the other samples of the same image.
 
   Args:
-    rewards: [B, N] float rewards of N >= 2 samples per image.
+    rewards: [B, N, ...] float rewards of N >= 2 samples per image (e.g. [B, N, S] per-slot returns).
 
   Returns:
-    [B, N] float32: entry (b, n) is the mean of rewards[b, m] over m != n.
+    [B, N, ...] float32: entry (b, n, ...) is the mean of rewards[b, m, ...] over m != n.
   """
   rewards = tf.convert_to_tensor(rewards)
-  if rewards.shape.rank != 2 or rewards.shape[1] is None or rewards.shape[1] < 2:
-    raise ValueError(f"rewards must be [B, N] with a static N >= 2, got shape {rewards.shape}.")
+  if rewards.shape.rank is None or rewards.shape.rank < 2 or rewards.shape[1] is None or rewards.shape[1] < 2:
+    raise ValueError(f"rewards must be [B, N, ...] with a static N >= 2, got shape {rewards.shape}.")
   rewards = tf.cast(rewards, tf.float32)
   n = rewards.shape[1]
   return (tf.reduce_sum(rewards, axis=1, keepdims=True) - rewards) / float(n - 1)
+
+
+def slot_returns(rewards, prefix_rewards):
+  """Reward-to-go of each box slot: what the sequence earns from that slot on.
+
+  The return of slot k is `reward - prefix_rewards[k]`, the reward minus that of the sequence cut before slot k
+  (`sequence.slot_prefixes`). The cut sequence depends only on tokens before slot k, so subtracting its reward is an
+  action-independent baseline for the tokens of slots >= k: REINFORCE stays unbiased, and a slot's tokens no longer
+  carry the noise of the boxes written before them. Slot 0's return is the whole reward (its prefix earns 0).
+
+  Args:
+    rewards: [...] float rewards of whole sequences.
+    prefix_rewards: [..., S] float rewards of their slot-prefixes.
+
+  Returns:
+    [..., S] float32.
+  """
+  return tf.cast(rewards, tf.float32)[..., None] - tf.cast(prefix_rewards, tf.float32)
 
 
 def confidence_targets(conf_tokens, match_iou, *, max_conf):
@@ -79,7 +98,8 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
   Args:
     logits: [B, L] + [V] float teacher-forced logits of the chosen samples (position t scores tokens[:, t]).
     tokens: [B, L] int chosen sampled sequences, L a multiple of 6.
-    advantages: [B] float reward minus baseline of each chosen sample (no gradient flows into it).
+    advantages: [B] float reward minus baseline of each chosen sample, or [B, L // 6] one per box slot (e.g. slot
+      returns minus their baseline, `slot_returns`); no gradient flows into them.
     match_iou: [B, L // 6] float IoU of each sampled box with its match (`detection_reward` aux, chosen sample).
     max_level, max_conf, num_cls: int. The `sequence.TokenLayout`; V must be its vocab_size.
     reinforce_conf: bool. Include conf tokens in the REINFORCE term (see the module docstring). Defaults to True.
@@ -118,6 +138,15 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
   conf_log_probs = log_probs if conf_logits is None else tf.nn.log_softmax(conf_logits, axis=-1)
   token_log_prob = tf.gather(log_probs, tokens, axis=2, batch_dims=2)  # [B, L]
   advantages = tf.stop_gradient(tf.cast(advantages, tf.float32))
+  if advantages.shape.rank == 2:
+    if advantages.shape[1] != length // sequence.TOKENS_PER_BOX:
+      raise ValueError(f"per-slot advantages must be [B, {length // sequence.TOKENS_PER_BOX}], got "
+                       f"{advantages.shape}.")
+    advantages = tf.repeat(advantages, sequence.TOKENS_PER_BOX, axis=1)  # [B, L]
+  elif advantages.shape.rank == 1:
+    advantages = advantages[:, None]
+  else:
+    raise ValueError(f"advantages must be [B] or [B, L // 6], got shape {advantages.shape}.")
   include = tf.ones([length], tf.float32)
   if not reinforce_conf:
     include = tf.cast(tf.not_equal(sequence.token_kinds(length), sequence.CONF), tf.float32)
@@ -126,7 +155,7 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
     present = tf.repeat(tokens[:, 5::6] > 0, sequence.TOKENS_PER_BOX, axis=1)  # [B, L] slot sampled as a box
     is_conf = tf.equal(sequence.token_kinds(length), sequence.CONF)[None, :]
     weights *= tf.cast(present | is_conf, tf.float32)
-  reward_sum = tf.reduce_sum(-advantages[:, None] * token_log_prob * weights)
+  reward_sum = tf.reduce_sum(-advantages * token_log_prob * weights)
   loss_reward = reward_sum / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)
 
   conf_log_probs = conf_log_probs[:, 5::6, :max_conf + 1]  # [B, S, K + 1]

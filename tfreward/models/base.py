@@ -106,19 +106,19 @@ class TaskModel(keras.Model):
   def recipe_callbacks(self, existing=()):
     """Callbacks the family's training recipe needs (e.g. weight EMA), not already in `existing`.
 
-    The trainer puts them before every other callback, so evaluation and checkpoints see their effect; a plain
-    `model.fit` appends them after the given callbacks.
+    They go before every other callback, in the trainer and in a plain `model.fit`, so that evaluation, checkpoints
+    and logging callbacks see their effect.
     """
     return []
 
   def fit(self, *args, **kwargs):
-    """`keras.Model.fit`, plus the `recipe_callbacks()` missing from the given callbacks (appended after them)."""
+    """`keras.Model.fit`, plus the `recipe_callbacks()` missing from the given callbacks (put before them)."""
     args = list(args)
     if len(args) > 5:  # callbacks given positionally: (x, y, batch_size, epochs, verbose, callbacks, ...)
-      args[5] = list(args[5] or []) + self.recipe_callbacks(args[5] or [])
+      args[5] = self.recipe_callbacks(args[5] or []) + list(args[5] or [])
     else:
       callbacks = list(kwargs.get("callbacks") or [])
-      kwargs["callbacks"] = callbacks + self.recipe_callbacks(callbacks)
+      kwargs["callbacks"] = self.recipe_callbacks(callbacks) + callbacks
     return super().fit(*args, **kwargs)
 
   def build_for_training(self, optimizer=None):

@@ -13,7 +13,7 @@ Modes (`Pix2SeqOptions.mode`; both share every weight, so a reward run starts fr
             all`) with the leave-one-out baseline (or the greedy sequence's reward, `baseline: greedy`) plus the
             confidence loss (`tfreward.losses.reinforce`; weights 1 and `conf_weight`, `conf_detach` keeps it out of
             the decoder states); `freeze_encoder` tunes the decoder alone. Logs `reward`; `fit` adds
-            `RewardStatsCallback` for per-threshold rewards, matches and duplicate penalties.
+            `RewardStatsCallback` (`recipe_callbacks`) for per-threshold rewards, matches and duplicate penalties.
 Log-probabilities in both modes are restricted to each position's token kind, the distribution the sampler draws from.
 
 Randomness inside the step (object order, samples) is stateless: the seed is `fold_in(fold_in((seed, salt), step),
@@ -82,10 +82,13 @@ class Pix2SeqOptions:
   reinforce_samples: str = "first"  # train on sample 0 ("first", the seed's form), on all N samples ("all"), or
   # ("best") imitate the reward-best of the greedy sequence and the samples of each image (advantage 1, no baseline)
   baseline: str = "leave_one_out"  # or "greedy": the reward of the greedy sequence (self-critical)
+  credit: str = "sequence"  # "sequence": every token gets its sequence's advantage (the seed); "slot": the tokens
+  # of box slot k get the reward earned from slot k on (`reinforce.slot_returns`) minus its baseline
   freeze_encoder: bool = False  # reward mode: no gradient into the encoder (the decoder alone is tuned)
   conf_detach: bool = False  # the confidence loss trains the output layer only, not the decoder states
   reinforce_padding: bool = True  # coords and class of slots sampled as padding in REINFORCE (seed: yes)
   advantage_floor: Optional[float] = None  # clip advantages from below, e.g. 0: only samples better than the baseline
+  mle_weight: float = 0.0  # reward mode: + mle_weight * the MLE loss on the ground truth (an anchor; seed: none)
   nms_w: float = 0.3
   cls_smooth: float = 0.05
   reward_thr: tuple[float, ...] = detection.PAPER_REWARD_THR
@@ -97,7 +100,8 @@ class Pix2SeqOptions:
   def __post_init__(self):
     choices = {"mode": ("mle", "reward"), "order": ("random", "raster", "fixed"), "filler": ("noise", "empty"),
                "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"),
-               "reinforce_samples": ("first", "all", "best"), "baseline": ("leave_one_out", "greedy")}
+               "reinforce_samples": ("first", "all", "best"), "baseline": ("leave_one_out", "greedy"),
+               "credit": ("sequence", "slot")}
     for name, valid in choices.items():
       checks.check_choice(name, getattr(self, name), valid)
     checks.check_at_least(self, ("max_level", "max_conf", "num_boxes", "encoder_width", "encoder_stages", "dim",
@@ -106,6 +110,11 @@ class Pix2SeqOptions:
     if self.dim % self.num_heads or self.dim % 4:
       raise ConfigError(f"model.dim must be a multiple of 4 and of model.num_heads, got {self.dim!r} and "
                         f"{self.num_heads!r}.")
+    if isinstance(self.mle_weight, bool) or not isinstance(self.mle_weight, (int, float)) or not (
+        math.isfinite(self.mle_weight) and self.mle_weight >= 0):
+      raise ConfigError(f"model.mle_weight must be a number >= 0, got {self.mle_weight!r}.")
+    if self.credit == "slot" and self.reinforce_samples == "best":
+      raise ConfigError("model.credit 'slot' needs advantages; model.reinforce_samples 'best' imitates without them.")
     if self.num_samples < 2:
       raise ConfigError(f"model.num_samples must be >= 2 (the baseline needs another sample), got "
                         f"{self.num_samples!r}.")
@@ -153,6 +162,9 @@ class Pix2Seq(TaskModel):
     else:
       self.log_names = ("loss_reward", "loss_conf", "reward")
       default_weights = {"loss_reward": 1.0, "loss_conf": o.conf_weight}
+      if o.mle_weight:
+        self.log_names += ("loss_mle",)
+        default_weights["loss_mle"] = float(o.mle_weight)
     super().__init__(image_size=image_size, loss_weights=loss_weights or default_weights, **kwargs)
     self.num_classes, self.options = num_classes, o
     self.layout = dict(max_level=o.max_level, max_conf=o.max_conf, num_cls=num_classes)
@@ -241,7 +253,10 @@ class Pix2Seq(TaskModel):
     greedy = None
     if self.options.baseline == "greedy" or self.options.reinforce_samples == "best":
       greedy = tf.stop_gradient(self.sample(tf.stop_gradient(memory), num_samples=1, greedy=True)["tokens"])
-    return self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)), greedy)
+    terms = self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)), greedy)
+    if self.options.mle_weight:
+      terms.update(self._mle_losses(memory, labels))
+    return terms
 
   def _mle_losses(self, memory, labels):
     target, weights = pix2seq_targets.mle_targets(
@@ -266,7 +281,14 @@ class Pix2Seq(TaskModel):
       match_iou = tf.gather(candidate_aux["match_iou"], best, batch_dims=1)
       advantages = tf.ones_like(candidate_rewards[:, 0])
     else:
-      if greedy is None:
+      if self.options.credit == "slot":  # [B, N, S] per-slot returns, each against the same slot's baseline
+        rewards_to_go = self._slot_returns(samples, gt, rewards)
+        if greedy is None:
+          advantages = rewards_to_go - reinforce.leave_one_out_baseline(rewards_to_go)
+        else:
+          greedy_rewards = detection.detection_reward(greedy, gt, **self.reward_config)[0]  # [B, 1]
+          advantages = rewards_to_go - self._slot_returns(greedy, gt, greedy_rewards)
+      elif greedy is None:
         advantages = rewards - reinforce.leave_one_out_baseline(rewards)  # [B, N]
       else:
         advantages = rewards - detection.detection_reward(greedy, gt, **self.reward_config)[0]  # [B, N] - [B, 1]
@@ -276,11 +298,11 @@ class Pix2Seq(TaskModel):
         num = samples.shape[1]
         chosen = tf.reshape(samples, [-1, self.seq_len])  # [B * N, L], row b * N + n
         memory = tf.repeat(memory, num, axis=0)
-        advantages = tf.reshape(advantages, [-1])
+        advantages = tf.reshape(advantages, [-1] + advantages.shape[2:].as_list())  # [B * N] or [B * N, S]
         match_iou = tf.reshape(aux["match_iou"], [-1, self.options.num_boxes])
       else:  # sample 0, as the seed
         chosen, advantages, match_iou = samples[:, 0], advantages[:, 0], aux["match_iou"][:, 0]
-    logits, features = self.decoder(self.decoder.shift_right(chosen), memory, return_features=True)
+    logits, features = self.decoder(self.decoder.shift_right(chosen), memory, return_features=True)  # [B', L, V]
     conf_logits = self.decoder.head_logits(tf.stop_gradient(features)) if self.options.conf_detach else None
     terms = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages, match_iou=match_iou,
                                        reinforce_conf=self.options.reinforce_conf, conf_logits=conf_logits,
@@ -294,6 +316,13 @@ class Pix2Seq(TaskModel):
     for i, t in enumerate(self.thresholds):
       terms[self._thr_name(t)] = per_thr[i]
     return terms
+
+  def _slot_returns(self, seqs, gt, rewards):
+    """seqs [B, N, L] int32, gt [B, Lg], rewards [B, N] -> [B, N, S] float32 rewards earned from each slot on."""
+    num, slots = seqs.shape[1], self.options.num_boxes
+    prefixes = tf.reshape(sequence.slot_prefixes(seqs), [-1, num * slots, self.seq_len])  # [B, N * S, L]
+    prefix_rewards = detection.detection_reward(prefixes, gt, **self.reward_config)[0]
+    return reinforce.slot_returns(rewards, tf.reshape(prefix_rewards, [-1, num, slots]))
 
   # === Statistics ===
 
@@ -314,22 +343,13 @@ class Pix2Seq(TaskModel):
     stats.update({name: float(t.result()) for name, t in self.stat_trackers.items()})
     return stats
 
-  def fit(self, *args, **kwargs):
-    """`keras.Model.fit`; in reward mode a `RewardStatsCallback` goes first unless one is given. It writes batch-level
-    scalars next to the run's `TensorBoard` logs (`<log_dir>/reward`)."""
-    if self.options.mode == "reward":
-      args = list(args)
-      positional = len(args) > 5
-      callbacks = list((args[5] if positional else kwargs.get("callbacks")) or [])
-      if not any(isinstance(c, RewardStatsCallback) for c in callbacks):
-        board = [c for c in callbacks if isinstance(c, keras.callbacks.TensorBoard)]
-        log_dir = f"{board[0].log_dir}/reward" if board else None
-        callbacks = [RewardStatsCallback(log_dir=log_dir)] + callbacks
-      if positional:
-        args[5] = callbacks
-      else:
-        kwargs["callbacks"] = callbacks
-    return super().fit(*args, **kwargs)
+  def recipe_callbacks(self, existing=()):
+    """In reward mode, a `RewardStatsCallback` unless `existing` holds one. It writes batch-level scalars next to the
+    `TensorBoard` logs among `existing` (`<log_dir>/reward`), if any."""
+    if self.options.mode != "reward" or any(isinstance(c, RewardStatsCallback) for c in existing):
+      return []
+    board = [c for c in existing if isinstance(c, keras.callbacks.TensorBoard)]
+    return [RewardStatsCallback(log_dir=f"{board[0].log_dir}/reward" if board else None)]
 
   # === Inference ===
 

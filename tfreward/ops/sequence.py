@@ -304,3 +304,24 @@ def constrain_logits(logits, *, max_level, max_conf, num_cls):
                      f"{logits.dtype.name} {logits.shape}.")
   mask = allowed_tokens(logits.shape[-2], max_level=max_level, max_conf=max_conf, num_cls=num_cls)
   return tf.where(mask, logits, tf.cast(logits.dtype.min, logits.dtype))
+
+
+def slot_prefixes(tokens):
+  """Every slot-prefix of sequences: what a sequence says before each of its slots.
+
+  Args:
+    tokens: [..., L] int sequences, L a static multiple of 6 (S = L // 6 box slots).
+
+  Returns:
+    [..., S, L] same dtype: entry k is `tokens` with slots k..S-1 made padding (conf token 0), slots 0..k-1 kept.
+    Entry 0 is all padding.
+  """
+  tokens = tf.convert_to_tensor(tokens)
+  length = tokens.shape[-1]
+  if not tokens.dtype.is_integer or length is None or length % TOKENS_PER_BOX or length == 0:
+    raise ValueError(f"tokens must be an integer [..., L] tensor with L a positive multiple of 6, got "
+                     f"{tokens.dtype.name} {tokens.shape}.")
+  slots = length // TOKENS_PER_BOX
+  slot_of = tf.range(length) // TOKENS_PER_BOX  # [L]
+  keep = (slot_of[None, :] < tf.range(slots)[:, None]) | (token_kinds(length) != CONF)[None, :]  # [S, L]
+  return tf.where(keep, tokens[..., None, :], tf.zeros([], tokens.dtype))

@@ -134,17 +134,17 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
     logging.info("Initialised weights from %s", config.train.init_checkpoint)
   _write_config(config, model_dir)
 
-  all_callbacks = list(model.recipe_callbacks(callbacks))  # e.g. EMA: before evaluation and checkpoints
   evaluator = eval_callback(config, model_dir) if evaluate else None
-  if evaluator is not None:
-    all_callbacks.append(evaluator)
-  all_callbacks += [
+  standard = [evaluator] if evaluator is not None else []
+  standard += [
       keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
       keras.callbacks.ModelCheckpoint(os.path.join(model_dir, LATEST_WEIGHTS), save_weights_only=True,
                                       save_freq="epoch"),
       keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
       *callbacks,
   ]
+  # The recipe's callbacks (e.g. EMA, reward statistics) go first, so evaluation and checkpoints see their effect.
+  all_callbacks = list(model.recipe_callbacks(standard)) + standard
   # Our datasets shuffle themselves; Keras warns about its own `shuffle` default for every tf.data input.
   warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
   history = model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=config.train.steps_per_epoch,
