@@ -101,6 +101,14 @@ def test_slot_returns_are_the_reward_left_after_each_prefix():
   np.testing.assert_allclose(reinforce.slot_returns(rewards, prefix), [[[3.0, 2.0, 0.5], [1.0, 1.0, 0.0]]])
 
 
+def test_box_rewards_are_what_each_slot_adds():
+  rewards = np.array([[3.0, 1.0]], np.float32)
+  prefix = np.array([[[0.0, 1.0, 2.5], [0.0, 0.0, 1.0]]], np.float32)
+  boxes = reinforce.box_rewards(rewards, prefix)
+  np.testing.assert_allclose(boxes, [[[1.0, 1.5, 0.5], [0.0, 1.0, 0.0]]])
+  np.testing.assert_allclose(np.sum(boxes, -1), rewards)
+
+
 def test_per_slot_advantages_weight_each_slot_tokens():
   logits, tokens, advantages, match_iou = _case(seed=5)
   same = _losses(logits, tokens, np.repeat(advantages[:, None], 3, axis=1), match_iou)

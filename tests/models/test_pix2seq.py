@@ -51,7 +51,9 @@ def test_options_are_validated_and_registered():
               dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="worst"), dict(freeze_encoder="yes"),
               dict(conf_detach=1), dict(reinforce_padding="no"), dict(baseline="mean"), dict(advantage_floor="zero"),
               dict(advantage_floor=float("nan")), dict(credit="token"), dict(credit="slot", reinforce_samples="best"),
-              dict(mle_weight=-1.0), dict(mle_weight=True), dict(mle_weight=float("inf"))):
+              dict(credit="box", reinforce_samples="best"),
+              dict(mle_weight=-1.0), dict(mle_weight=True), dict(mle_weight=float("inf")),
+              dict(mle_tokens="boxes")):
     with pytest.raises(ConfigError):
       Pix2SeqOptions(**bad)
   options = registry.parse_options("pix2seq", {"mode": "reward", "num_boxes": 5, "cls_counts": [1, 2, 3]})
@@ -290,11 +292,11 @@ def test_best_of_n_imitation_trains_the_reward_best_sequence():
   assert _finite(step(images, labels).values())
 
 
-@pytest.mark.parametrize("reinforce_samples", ["first", "all"])
-def test_slot_credit_gives_each_slot_the_reward_earned_from_it_on(reinforce_samples):
+@pytest.mark.parametrize("credit, reinforce_samples", [("slot", "first"), ("slot", "all"), ("box", "all")])
+def test_per_slot_credit_by_hand(credit, reinforce_samples):
   images, labels = _batch(4, seed=9)
   images = tf.constant(images)
-  model = _model(credit="slot", reinforce_samples=reinforce_samples)
+  model = _model(credit=credit, reinforce_samples=reinforce_samples)
   samples = _rewarded_samples(model, images, labels, seed=[7, 8])
   terms = model.compute_losses(images, labels, training=True, samples=samples)
   # By hand: the reward of each sample cut before slot k (slots k.. made padding), returns, leave-one-out baselines.
@@ -306,6 +308,9 @@ def test_slot_credit_gives_each_slot_the_reward_earned_from_it_on(reinforce_samp
   returns = np.stack([full - reward(tf.where((np.arange(18) // 6 < k) | (kinds != sequence.CONF), samples, 0))
                       for k in range(3)], axis=-1)  # [B, N, S]
   np.testing.assert_allclose(returns[..., 0], full, atol=1e-6)  # slot 0 earns the whole reward
+  if credit == "box":  # what slot k adds to slots 0..k-1: the returns' differences; they sum to the reward
+    returns = returns - np.concatenate([returns[..., 1:], np.zeros_like(returns[..., :1])], axis=-1)
+    np.testing.assert_allclose(returns.sum(-1), full, atol=1e-5)
   advantages = returns - (returns.sum(1, keepdims=True) - returns) / 2.0
   chosen, memory = samples[:, 0], model.encoder(images)
   if reinforce_samples == "all":
@@ -344,6 +349,18 @@ def test_mle_weight_adds_the_ground_truth_nll():
                              rtol=1e-6)
   assert anchored.loss_weights["loss_mle"] == 0.5 and "loss_mle" in anchored.log_names
   assert "loss_mle" not in _model().loss_weights
+  # mle_tokens: conf anchors the objectness only: the cross-entropy of the conf tokens of the MLE targets.
+  conf_only = _model(mle_weight=0.5, order="raster", mle_tokens="conf")
+  conf_only.set_weights(anchored.get_weights())
+  target, weights = pix2seq_targets.mle_targets(
+      labels["boxes"], labels["classes"], labels["valid"], num_boxes=3, filler="noise", order="raster",
+      seed=conf_only.step_seed(1), **LAYOUT)
+  logits = sequence.constrain_logits(
+      conf_only.decoder(conf_only.decoder.shift_right(target), conf_only.encoder(images)), **LAYOUT)
+  ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits).numpy()[:, 5::6]
+  expected = np.sum(ce * weights.numpy()[:, 5::6]) / np.sum(weights.numpy()[:, 5::6])
+  np.testing.assert_allclose(conf_only.compute_losses(images, labels, training=True)["loss_mle"], expected,
+                             rtol=1e-5)
 
 
 def test_fit_puts_reward_statistics_first_once(monkeypatch, tmp_path):

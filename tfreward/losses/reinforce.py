@@ -66,6 +66,26 @@ def slot_returns(rewards, prefix_rewards):
   return tf.cast(rewards, tf.float32)[..., None] - tf.cast(prefix_rewards, tf.float32)
 
 
+def box_rewards(rewards, prefix_rewards):
+  """What each box slot adds: the reward of the sequence cut after the slot minus that of the sequence cut before it.
+
+  These sum to the sequence's reward over the slots. As REINFORCE credit they are biased (they leave out a slot's
+  effect on the matches of later slots, e.g. a box that takes a match a later, better box would have had), in
+  exchange for far less noise than the reward-to-go of `slot_returns`.
+
+  Args:
+    rewards: [...] float rewards of whole sequences.
+    prefix_rewards: [..., S] float rewards of their slot-prefixes (`sequence.slot_prefixes`).
+
+  Returns:
+    [..., S] float32.
+  """
+  rewards = tf.cast(rewards, tf.float32)
+  prefix_rewards = tf.cast(prefix_rewards, tf.float32)
+  after = tf.concat([prefix_rewards[..., 1:], rewards[..., None]], axis=-1)  # reward of slots 0..k
+  return after - prefix_rewards
+
+
 def confidence_targets(conf_tokens, match_iou, *, max_conf):
   """Targets of the confidence loss over the conf tokens 0..max_conf.
 

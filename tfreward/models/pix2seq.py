@@ -83,12 +83,14 @@ class Pix2SeqOptions:
   # ("best") imitate the reward-best of the greedy sequence and the samples of each image (advantage 1, no baseline)
   baseline: str = "leave_one_out"  # or "greedy": the reward of the greedy sequence (self-critical)
   credit: str = "sequence"  # "sequence": every token gets its sequence's advantage (the seed); "slot": the tokens
-  # of box slot k get the reward earned from slot k on (`reinforce.slot_returns`) minus its baseline
+  # of box slot k get the reward earned from slot k on (`reinforce.slot_returns`) minus its baseline; "box": the
+  # reward slot k adds to the slots before it (`reinforce.box_rewards`; biased: ignores its effect on later slots)
   freeze_encoder: bool = False  # reward mode: no gradient into the encoder (the decoder alone is tuned)
   conf_detach: bool = False  # the confidence loss trains the output layer only, not the decoder states
   reinforce_padding: bool = True  # coords and class of slots sampled as padding in REINFORCE (seed: yes)
   advantage_floor: Optional[float] = None  # clip advantages from below, e.g. 0: only samples better than the baseline
   mle_weight: float = 0.0  # reward mode: + mle_weight * the MLE loss on the ground truth (an anchor; seed: none)
+  mle_tokens: str = "all"  # the anchor's positions: "all", or "conf" (objectness only; boxes and classes left free)
   nms_w: float = 0.3
   cls_smooth: float = 0.05
   reward_thr: tuple[float, ...] = detection.PAPER_REWARD_THR
@@ -101,7 +103,7 @@ class Pix2SeqOptions:
     choices = {"mode": ("mle", "reward"), "order": ("random", "raster", "fixed"), "filler": ("noise", "empty"),
                "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"),
                "reinforce_samples": ("first", "all", "best"), "baseline": ("leave_one_out", "greedy"),
-               "credit": ("sequence", "slot")}
+               "credit": ("sequence", "slot", "box"), "mle_tokens": ("all", "conf")}
     for name, valid in choices.items():
       checks.check_choice(name, getattr(self, name), valid)
     checks.check_at_least(self, ("max_level", "max_conf", "num_boxes", "encoder_width", "encoder_stages", "dim",
@@ -113,8 +115,9 @@ class Pix2SeqOptions:
     if isinstance(self.mle_weight, bool) or not isinstance(self.mle_weight, (int, float)) or not (
         math.isfinite(self.mle_weight) and self.mle_weight >= 0):
       raise ConfigError(f"model.mle_weight must be a number >= 0, got {self.mle_weight!r}.")
-    if self.credit == "slot" and self.reinforce_samples == "best":
-      raise ConfigError("model.credit 'slot' needs advantages; model.reinforce_samples 'best' imitates without them.")
+    if self.credit != "sequence" and self.reinforce_samples == "best":
+      raise ConfigError(f"model.credit {self.credit!r} needs advantages; model.reinforce_samples 'best' imitates "
+                        "without them.")
     if self.num_samples < 2:
       raise ConfigError(f"model.num_samples must be >= 2 (the baseline needs another sample), got "
                         f"{self.num_samples!r}.")
@@ -255,13 +258,15 @@ class Pix2Seq(TaskModel):
       greedy = tf.stop_gradient(self.sample(tf.stop_gradient(memory), num_samples=1, greedy=True)["tokens"])
     terms = self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)), greedy)
     if self.options.mle_weight:
-      terms.update(self._mle_losses(memory, labels))
+      terms.update(self._mle_losses(memory, labels, conf_only=self.options.mle_tokens == "conf"))
     return terms
 
-  def _mle_losses(self, memory, labels):
+  def _mle_losses(self, memory, labels, conf_only=False):
     target, weights = pix2seq_targets.mle_targets(
         labels["boxes"], labels["classes"], labels["valid"], num_boxes=self.options.num_boxes,
         filler=self.options.filler, order=self.options.order, seed=self.step_seed(_SALT_TARGET), **self.layout)
+    if conf_only:
+      weights *= tf.cast(sequence.token_kinds(self.seq_len) == sequence.CONF, weights.dtype)[None, :]
     logits = sequence.constrain_logits(self.decoder(self.decoder.shift_right(target), memory), **self.layout)
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=logits)  # [B, L]
     count = distributed.global_sum(tf.reduce_sum(weights))
@@ -281,7 +286,7 @@ class Pix2Seq(TaskModel):
       match_iou = tf.gather(candidate_aux["match_iou"], best, batch_dims=1)
       advantages = tf.ones_like(candidate_rewards[:, 0])
     else:
-      if self.options.credit == "slot":  # [B, N, S] per-slot returns, each against the same slot's baseline
+      if self.options.credit != "sequence":  # [B, N, S] per-slot credit, each against the same slot's baseline
         rewards_to_go = self._slot_returns(samples, gt, rewards)
         if greedy is None:
           advantages = rewards_to_go - reinforce.leave_one_out_baseline(rewards_to_go)
@@ -318,11 +323,14 @@ class Pix2Seq(TaskModel):
     return terms
 
   def _slot_returns(self, seqs, gt, rewards):
-    """seqs [B, N, L] int32, gt [B, Lg], rewards [B, N] -> [B, N, S] float32 rewards earned from each slot on."""
+    """seqs [B, N, L] int32, gt [B, Lg], rewards [B, N] -> [B, N, S] float32 per-slot credit (`credit`): the reward
+    earned from each slot on ("slot") or the reward each slot adds to the slots before it ("box")."""
     num, slots = seqs.shape[1], self.options.num_boxes
     prefixes = tf.reshape(sequence.slot_prefixes(seqs), [-1, num * slots, self.seq_len])  # [B, N * S, L]
-    prefix_rewards = detection.detection_reward(prefixes, gt, **self.reward_config)[0]
-    return reinforce.slot_returns(rewards, tf.reshape(prefix_rewards, [-1, num, slots]))
+    prefix_rewards = tf.reshape(detection.detection_reward(prefixes, gt, **self.reward_config)[0], [-1, num, slots])
+    if self.options.credit == "box":
+      return reinforce.box_rewards(rewards, prefix_rewards)
+    return reinforce.slot_returns(rewards, prefix_rewards)
 
   # === Statistics ===
 
