@@ -153,11 +153,15 @@ def test_reward_fit_with_xla_under_default_strategy(tmp_path):
   assert os.listdir(tmp_path / "reward")  # batch-level scalars of RewardStatsCallback
 
 
-def test_two_replicas_equal_one_replica_given_samples(two_replica_strategy):
+# The anchored case: the MLE term's normaliser (supervised tokens) differs between the two halves; raster order and
+# empty filler make its targets the same on every replica.
+@pytest.mark.parametrize("options", [{}, dict(credit="slot", reinforce_samples="all", mle_weight=1.0,
+                                              order="raster", filler="empty")])
+def test_two_replicas_equal_one_replica_given_samples(two_replica_strategy, options):
   images, labels = _batch(4, seed=1)
-  single = _model()
+  single = _model(**options)
   with two_replica_strategy.scope():
-    mirrored = _model()
+    mirrored = _model(**options)
   mirrored.set_weights(single.get_weights())
   samples = single.sample(single.encoder(tf.constant(images)), num_samples=3, seed=tf.constant([3, 4]))["tokens"]
 
@@ -348,6 +352,8 @@ def test_mle_weight_adds_the_ground_truth_nll():
   np.testing.assert_allclose(terms["loss_mle"], mle.compute_losses(images, labels, training=True)["loss_mle"],
                              rtol=1e-6)
   assert anchored.loss_weights["loss_mle"] == 0.5 and "loss_mle" in anchored.log_names
+  step = tf.function(lambda x, y: anchored.compute_losses(x, y, training=True), jit_compile=True)
+  np.testing.assert_allclose(step(images, labels)["loss_mle"], terms["loss_mle"], rtol=1e-5)
   assert "loss_mle" not in _model().loss_weights
   # mle_tokens: conf anchors the objectness only: the cross-entropy of the conf tokens of the MLE targets.
   conf_only = _model(mle_weight=0.5, order="raster", mle_tokens="conf")

@@ -1,5 +1,7 @@
 """Validation of the `model:` options dataclasses: each check raises `ConfigError` naming the key and its value."""
 
+import math
+
 from tfreward.errors import ConfigError
 
 
@@ -15,6 +17,17 @@ def check_at_least(options, names, minimum=1):
     value = getattr(options, name)
     if value < minimum:
       raise ConfigError(f"model.{name} must be >= {minimum}, got {value!r}.")
+
+
+def check_number(name, value, minimum=None, *, allow_none=False):
+  """`value` of key `model.<name>` must be a finite int or float (not a bool), >= `minimum` if given; None passes
+  when `allow_none`."""
+  if value is None and allow_none:
+    return
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+      or (minimum is not None and value < minimum)):
+    bound = "" if minimum is None else f" >= {minimum}"
+    raise ConfigError(f"model.{name} must be {'null or ' if allow_none else ''}a finite number{bound}, got {value!r}.")
 
 
 def check_backbone_weights(weights, backbone):

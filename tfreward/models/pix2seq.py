@@ -25,7 +25,6 @@ as a detection, scored by the expected IoU its conf-token distribution implies; 
 """
 
 import dataclasses
-import math
 from typing import Optional, Union
 
 import keras
@@ -112,9 +111,8 @@ class Pix2SeqOptions:
     if self.dim % self.num_heads or self.dim % 4:
       raise ConfigError(f"model.dim must be a multiple of 4 and of model.num_heads, got {self.dim!r} and "
                         f"{self.num_heads!r}.")
-    if isinstance(self.mle_weight, bool) or not isinstance(self.mle_weight, (int, float)) or not (
-        math.isfinite(self.mle_weight) and self.mle_weight >= 0):
-      raise ConfigError(f"model.mle_weight must be a number >= 0, got {self.mle_weight!r}.")
+    checks.check_number("mle_weight", self.mle_weight, 0)
+    checks.check_number("advantage_floor", self.advantage_floor, allow_none=True)
     if self.credit != "sequence" and self.reinforce_samples == "best":
       raise ConfigError(f"model.credit {self.credit!r} needs advantages; model.reinforce_samples 'best' imitates "
                         "without them.")
@@ -130,10 +128,6 @@ class Pix2SeqOptions:
     for name in ("box_attention", "reinforce_conf", "freeze_encoder", "conf_detach", "reinforce_padding"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}.")
-    floor = self.advantage_floor
-    if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))
-                              or not math.isfinite(floor)):
-      raise ConfigError(f"model.advantage_floor must be null or a finite number, got {floor!r}.")
     if isinstance(self.cls_counts, str) and self.cls_counts not in ("uniform", "coco"):
       raise ConfigError(f"model.cls_counts must be 'uniform', 'coco' or a list of counts, got {self.cls_counts!r}.")
 
@@ -278,25 +272,23 @@ class Pix2Seq(TaskModel):
     gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
                                     seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
     rewards, aux = detection.detection_reward(samples, gt, **self.reward_config)  # [B, N]
+    if greedy is not None:
+      greedy_rewards, greedy_aux = detection.detection_reward(greedy, gt, **self.reward_config)  # [B, 1]
     if self.options.reinforce_samples == "best":  # best-of-N imitation: the reward-best of greedy + samples
-      candidates = tf.concat([greedy, samples], axis=1)  # [B, 1 + N, L]
-      candidate_rewards, candidate_aux = detection.detection_reward(candidates, gt, **self.reward_config)
+      candidate_rewards = tf.concat([greedy_rewards, rewards], axis=1)  # [B, 1 + N]
       best = tf.argmax(candidate_rewards, axis=1, output_type=tf.int32)  # [B]; ties go to the greedy sequence
-      chosen = tf.gather(candidates, best, batch_dims=1)
-      match_iou = tf.gather(candidate_aux["match_iou"], best, batch_dims=1)
+      chosen = tf.gather(tf.concat([greedy, samples], axis=1), best, batch_dims=1)
+      match_iou = tf.gather(tf.concat([greedy_aux["match_iou"], aux["match_iou"]], axis=1), best, batch_dims=1)
       advantages = tf.ones_like(candidate_rewards[:, 0])
     else:
       if self.options.credit != "sequence":  # [B, N, S] per-slot credit, each against the same slot's baseline
-        rewards_to_go = self._slot_returns(samples, gt, rewards)
-        if greedy is None:
-          advantages = rewards_to_go - reinforce.leave_one_out_baseline(rewards_to_go)
-        else:
-          greedy_rewards = detection.detection_reward(greedy, gt, **self.reward_config)[0]  # [B, 1]
-          advantages = rewards_to_go - self._slot_returns(greedy, gt, greedy_rewards)
-      elif greedy is None:
-        advantages = rewards - reinforce.leave_one_out_baseline(rewards)  # [B, N]
+        credit = self._slot_credit(samples, gt, rewards)
+        baseline = (reinforce.leave_one_out_baseline(credit) if greedy is None
+                    else self._slot_credit(greedy, gt, greedy_rewards))  # [B, N or 1, S]
       else:
-        advantages = rewards - detection.detection_reward(greedy, gt, **self.reward_config)[0]  # [B, N] - [B, 1]
+        credit = rewards
+        baseline = reinforce.leave_one_out_baseline(rewards) if greedy is None else greedy_rewards  # [B, N or 1]
+      advantages = credit - baseline
       if self.options.advantage_floor is not None:
         advantages = tf.maximum(advantages, float(self.options.advantage_floor))
       if self.options.reinforce_samples == "all":  # every sample, each with its own advantage
@@ -322,7 +314,7 @@ class Pix2Seq(TaskModel):
       terms[self._thr_name(t)] = per_thr[i]
     return terms
 
-  def _slot_returns(self, seqs, gt, rewards):
+  def _slot_credit(self, seqs, gt, rewards):
     """seqs [B, N, L] int32, gt [B, Lg], rewards [B, N] -> [B, N, S] float32 per-slot credit (`credit`): the reward
     earned from each slot on ("slot") or the reward each slot adds to the slots before it ("box")."""
     num, slots = seqs.shape[1], self.options.num_boxes
