@@ -201,6 +201,28 @@ def test_separate_conf_logits_feed_only_the_confidence_loss(constrained):
     np.testing.assert_allclose(same[k], plain[k], rtol=1e-6)
 
 
+def test_deviation_loss_by_hand():
+  rng = np.random.default_rng(3)
+  logits, tokens, _, _ = _case(batch=2, slots=2)
+  log_probs = tf.nn.log_softmax(logits).numpy()
+  actions = np.stack([tokens, np.roll(tokens, 1, axis=0)], axis=1)  # [B, K=2, L]
+  advantages = rng.normal(size=actions.shape).astype(np.float32)
+  include = (np.arange(12) % 6 != 5).astype(np.float32)  # conf tokens left out
+  expected = sum(-advantages[b, k, t] * log_probs[b, t, actions[b, k, t]] * include[t]
+                 for b in range(2) for k in range(2) for t in range(12)) / (2 * 2 * include.sum())
+  loss = reinforce.deviation_loss(log_probs=log_probs, actions=actions, advantages=advantages, include=include)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  # The gradient raises the log-probability of an action with a positive advantage.
+  variable = tf.Variable(logits)
+  with tf.GradientTape() as tape:
+    value = reinforce.deviation_loss(log_probs=tf.nn.log_softmax(variable), actions=actions[:, :1],
+                                     advantages=np.ones((2, 1, 12), np.float32), include=np.ones(12, np.float32))
+  step = -tape.gradient(value, variable).numpy()
+  moved = tf.nn.log_softmax(logits + 10.0 * step).numpy()
+  chosen = lambda lp: np.take_along_axis(lp, tokens[..., None], axis=-1)
+  assert (chosen(moved) > chosen(log_probs)).all()
+
+
 def test_bad_arguments():
   logits, tokens, advantages, match_iou = _case()
   with pytest.raises(ValueError, match="multiple of 6"):

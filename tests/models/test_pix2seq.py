@@ -51,7 +51,9 @@ def test_options_are_validated_and_registered():
               dict(order="area"), dict(top_p=0.0), dict(reinforce_samples="worst"), dict(freeze_encoder="yes"),
               dict(conf_detach=1), dict(reinforce_padding="no"), dict(baseline="mean"), dict(advantage_floor="zero"),
               dict(advantage_floor=float("nan")), dict(credit="token"), dict(credit="slot", reinforce_samples="best"),
-              dict(credit="box", reinforce_samples="best"),
+              dict(credit="box", reinforce_samples="best"), dict(credit="slot", reinforce_samples="deviations"),
+              dict(baseline="greedy", reinforce_samples="deviations"),
+              dict(advantage_floor=0.0, reinforce_samples="deviations"),
               dict(mle_weight=-1.0), dict(mle_weight=True), dict(mle_weight=float("inf")),
               dict(mle_tokens="boxes")):
     with pytest.raises(ConfigError):
@@ -156,7 +158,8 @@ def test_reward_fit_with_xla_under_default_strategy(tmp_path):
 # The anchored case: the MLE term's normaliser (supervised tokens) differs between the two halves; raster order and
 # empty filler make its targets the same on every replica.
 @pytest.mark.parametrize("options", [{}, dict(credit="slot", reinforce_samples="all", mle_weight=1.0,
-                                              order="raster", filler="empty")])
+                                              order="raster", filler="empty"),
+                                     dict(reinforce_samples="deviations", reinforce_conf=False)])
 def test_two_replicas_equal_one_replica_given_samples(two_replica_strategy, options):
   images, labels = _batch(4, seed=1)
   single = _model(**options)
@@ -333,6 +336,38 @@ def test_per_slot_credit_by_hand(credit, reinforce_samples):
   step = tf.function(lambda x, y, z: model.compute_losses(x, y, training=True, samples=z), jit_compile=True)
   np.testing.assert_allclose(step(images, labels, samples)["loss_reward"], terms["loss_reward"], rtol=1e-5,
                              atol=1e-7)
+
+
+def test_greedy_deviations_by_hand():
+  images, labels = _batch(4, seed=11)
+  images = tf.constant(images)
+  model = _model(reinforce_samples="deviations", reinforce_conf=False, sample_temperature=2.0)
+  # Sample 0 as the "greedy" sequence, holding the ground truth (non-zero rewards); samples 1, 2 as the drawn tokens.
+  given = _rewarded_samples(model, images, labels, seed=[5, 6])
+  terms = model.compute_losses(images, labels, training=True, samples=given)
+  gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed", seq_len=18,
+                                  **LAYOUT)
+  reward = lambda seqs: detection.detection_reward(seqs, gt, **model.reward_config)[0].numpy()
+  base, draws = given[:, 0].numpy(), given[:, 1:].numpy()
+  advantages = np.zeros(draws.shape, np.float32)  # [B, K, L]
+  for k in range(2):
+    for t in range(18):
+      changed = base.copy()
+      changed[:, t] = draws[:, k, t]
+      advantages[:, k, t] = reward(changed[:, None])[:, 0] - reward(base[:, None])[:, 0]
+  assert (advantages != 0).any() and (advantages[draws == base[:, None]] == 0).all()
+  logits = model.decoder(model.decoder.shift_right(base), model.encoder(images))
+  log_probs = tf.nn.log_softmax(sequence.constrain_logits(logits, **LAYOUT)).numpy()
+  drawn_log_prob = np.take_along_axis(log_probs[:, None], draws[..., None], axis=-1)[..., 0]  # [B, K, L]
+  not_conf = np.arange(18) % 6 != 5
+  expected = -(advantages * drawn_log_prob)[..., not_conf].sum() / (4 * 2 * not_conf.sum())
+  np.testing.assert_allclose(terms["loss_reward"], expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(terms["reward"], reward(base[:, None]).mean(), rtol=1e-6)  # the base sequence's reward
+  step = tf.function(lambda x, y, z: model.compute_losses(x, y, training=True, samples=z), jit_compile=True)
+  np.testing.assert_allclose(step(images, labels, given)["loss_reward"], expected, rtol=1e-5, atol=1e-7)
+  # Decoding greedily and drawing inside the step compiles too.
+  drawn = tf.function(lambda x, y: model.compute_losses(x, y, training=True), jit_compile=True)(images, labels)
+  assert _finite(drawn.values())
 
 
 def test_slot_credit_with_greedy_baseline_compiles():

@@ -178,9 +178,48 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
   reward_sum = tf.reduce_sum(-advantages * token_log_prob * weights)
   loss_reward = reward_sum / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)
 
-  conf_log_probs = conf_log_probs[:, 5::6, :max_conf + 1]  # [B, S, K + 1]
-  target = confidence_targets(tokens[:, 5::6], tf.stop_gradient(match_iou), max_conf=max_conf)
-  conf_ce = -tf.reduce_sum(target * conf_log_probs, axis=-1)  # [B, S]
-  num_slots = distributed.global_sum(tf.cast(tf.size(conf_ce), tf.float32))
-  loss_conf = tf.reduce_sum(conf_ce) / tf.maximum(num_slots, 1.0)
+  loss_conf = confidence_loss(conf_log_probs, tokens, match_iou, max_conf=max_conf)
   return {"loss_reward": loss_reward, "loss_conf": loss_conf}
+
+
+def confidence_loss(log_probs, tokens, match_iou, *, max_conf):
+  """The confidence loss of sequences: cross-entropy of their conf tokens against `confidence_targets`.
+
+  Args:
+    log_probs: [B, L, V] float32 log-probabilities (position t scores tokens[:, t]).
+    tokens: [B, L] int sequences (their conf tokens say which slots are boxes).
+    match_iou: [B, L // 6] float IoU of each box with its match; no gradient flows into it.
+    max_conf: int >= 1.
+
+  Returns:
+    float32 scalar: the sum over box slots / the number of slots over all replicas.
+  """
+  target = confidence_targets(tokens[:, 5::6], tf.stop_gradient(match_iou), max_conf=max_conf)  # [B, S, K + 1]
+  conf_ce = -tf.reduce_sum(target * log_probs[:, 5::6, :max_conf + 1], axis=-1)  # [B, S]
+  num_slots = distributed.global_sum(tf.cast(tf.size(conf_ce), tf.float32))
+  return tf.reduce_sum(conf_ce) / tf.maximum(num_slots, 1.0)
+
+
+def deviation_loss(*, log_probs, actions, advantages, include):
+  """REINFORCE on one-token deviations from a sequence (the greedy one): every position is a one-step decision.
+
+  At position t the policy is p(. | g_<t), read from one teacher-forced pass over the sequence g. The action a_t is
+  a token drawn from it, the outcome the reward of g with token t replaced by a_t (all other tokens kept), and the
+  baseline the reward of g itself, which does not depend on a_t; so `advantages` = reward(g with a_t) - reward(g) is
+  an unbiased REINFORCE estimate of how a_t moves the reward of g, zero where a_t = g_t.
+
+  Args:
+    log_probs: [B, L, V] float32 log-probabilities of the policy at each position (constrained to the token kind).
+    actions: [B, K, L] int tokens drawn at each position, K draws each.
+    advantages: [B, K, L] float; no gradient flows into them.
+    include: [L] float 0/1: positions in the loss (e.g. conf tokens left out).
+
+  Returns:
+    float32 scalar: sum of -advantage * log p(action) over included positions and draws / their number over all
+    replicas.
+  """
+  by_position = tf.transpose(tf.cast(actions, tf.int32), [0, 2, 1])  # [B, L, K]
+  action_log_prob = tf.transpose(tf.gather(log_probs, by_position, axis=2, batch_dims=2), [0, 2, 1])  # [B, K, L]
+  weights = tf.cast(include, tf.float32)[None, None, :] * tf.ones_like(action_log_prob)
+  total = tf.reduce_sum(-tf.stop_gradient(tf.cast(advantages, tf.float32)) * action_log_prob * weights)
+  return total / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)

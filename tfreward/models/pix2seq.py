@@ -12,7 +12,9 @@ Modes (`Pix2SeqOptions.mode`; both share every weight, so a reward run starts fr
             them (`tfreward.rewards.detection`), REINFORCE on sample 0 (or on every sample, `reinforce_samples:
             all`) with the leave-one-out baseline (or the greedy sequence's reward, `baseline: greedy`) plus the
             confidence loss (`tfreward.losses.reinforce`; weights 1 and `conf_weight`, `conf_detach` keeps it out of
-            the decoder states); `freeze_encoder` tunes the decoder alone. Logs `reward`; `fit` adds
+            the decoder states); `freeze_encoder` tunes the decoder alone. `reinforce_samples: deviations` instead
+            resamples one token of the greedy sequence at a time (`reinforce.deviation_loss`) and logs the greedy
+            sequence's reward. Logs `reward`; `fit` adds
             `RewardStatsCallback` (`recipe_callbacks`) for per-threshold rewards, matches and duplicate penalties.
 Log-probabilities in both modes are restricted to each position's token kind, the distribution the sampler draws from.
 
@@ -79,7 +81,9 @@ class Pix2SeqOptions:
   conf_weight: float = 0.3  # conf_w
   reinforce_conf: bool = True  # conf tokens in the REINFORCE term (the paper's choice; see losses.reinforce)
   reinforce_samples: str = "first"  # train on sample 0 ("first", the seed's form), on all N samples ("all"), or
-  # ("best") imitate the reward-best of the greedy sequence and the samples of each image (advantage 1, no baseline)
+  # ("best") imitate the reward-best of the greedy sequence and the samples of each image (advantage 1, no baseline),
+  # or ("deviations") REINFORCE on one-token deviations from the greedy sequence: num_samples draws per position,
+  # each against the greedy sequence's reward (`reinforce.deviation_loss`)
   baseline: str = "leave_one_out"  # or "greedy": the reward of the greedy sequence (self-critical)
   credit: str = "sequence"  # "sequence": every token gets its sequence's advantage (the seed); "slot": the tokens
   # of box slot k get the reward earned from slot k on (`reinforce.slot_returns`) minus its baseline; "box": the
@@ -101,7 +105,7 @@ class Pix2SeqOptions:
   def __post_init__(self):
     choices = {"mode": ("mle", "reward"), "order": ("random", "raster", "fixed"), "filler": ("noise", "empty"),
                "encoder": ("cnn", "resnet50"), "decode": ("greedy", "sample"),
-               "reinforce_samples": ("first", "all", "best"), "baseline": ("leave_one_out", "greedy"),
+               "reinforce_samples": ("first", "all", "best", "deviations"), "baseline": ("leave_one_out", "greedy"),
                "credit": ("sequence", "slot", "box"), "mle_tokens": ("all", "conf")}
     for name, valid in choices.items():
       checks.check_choice(name, getattr(self, name), valid)
@@ -116,6 +120,11 @@ class Pix2SeqOptions:
     if self.credit != "sequence" and self.reinforce_samples == "best":
       raise ConfigError(f"model.credit {self.credit!r} needs advantages; model.reinforce_samples 'best' imitates "
                         "without them.")
+    if self.reinforce_samples == "deviations" and (self.credit != "sequence" or self.baseline != "leave_one_out"
+                                                   or self.advantage_floor is not None):
+      raise ConfigError("model.reinforce_samples 'deviations' credits each token against the greedy sequence; "
+                        f"it takes no model.credit ({self.credit!r}), baseline ({self.baseline!r}) or "
+                        f"advantage_floor ({self.advantage_floor!r}).")
     if self.num_samples < 2:
       raise ConfigError(f"model.num_samples must be >= 2 (the baseline needs another sample), got "
                         f"{self.num_samples!r}.")
@@ -243,14 +252,17 @@ class Pix2Seq(TaskModel):
       return self._mle_losses(memory, labels)
     if self.options.freeze_encoder:
       memory = tf.stop_gradient(memory)
-    if samples is None:
-      samples = self.sample(tf.stop_gradient(memory), num_samples=self.options.num_samples,
-                            seed=self.step_seed(_SALT_SAMPLES), temperature=self.options.sample_temperature,
-                            top_k=self.options.sample_top_k, top_p=self.options.sample_top_p)["tokens"]
-    greedy = None
-    if self.options.baseline == "greedy" or self.options.reinforce_samples == "best":
-      greedy = tf.stop_gradient(self.sample(tf.stop_gradient(memory), num_samples=1, greedy=True)["tokens"])
-    terms = self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)), greedy)
+    if self.options.reinforce_samples == "deviations":
+      terms = self._deviation_losses(memory, labels, samples)
+    else:
+      if samples is None:
+        samples = self.sample(tf.stop_gradient(memory), num_samples=self.options.num_samples,
+                              seed=self.step_seed(_SALT_SAMPLES), temperature=self.options.sample_temperature,
+                              top_k=self.options.sample_top_k, top_p=self.options.sample_top_p)["tokens"]
+      greedy = None
+      if self.options.baseline == "greedy" or self.options.reinforce_samples == "best":
+        greedy = tf.stop_gradient(self.sample(tf.stop_gradient(memory), num_samples=1, greedy=True)["tokens"])
+      terms = self._reward_losses(memory, labels, tf.stop_gradient(tf.cast(samples, tf.int32)), greedy)
     if self.options.mle_weight:
       terms.update(self._mle_losses(memory, labels, conf_only=self.options.mle_tokens == "conf"))
     return terms
@@ -304,6 +316,13 @@ class Pix2Seq(TaskModel):
     terms = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages, match_iou=match_iou,
                                        reinforce_conf=self.options.reinforce_conf, conf_logits=conf_logits,
                                        reinforce_padding=self.options.reinforce_padding, **self.layout)
+    terms.update(self._reward_statistics(rewards, aux))
+    return terms
+
+  def _reward_statistics(self, rewards, aux):
+    """rewards [B, N] and their `detection_reward` aux -> the logged means: reward, matches, duplicate penalty and
+    the reward at each distinct threshold (replica shares)."""
+    terms = {}
     count = tf.maximum(distributed.global_sum(tf.cast(tf.size(rewards), tf.float32)), 1.0)
     terms["reward"] = tf.reduce_sum(rewards) / count
     terms["num_matches"] = tf.reduce_sum(aux["num_matches"]) / count
@@ -312,6 +331,47 @@ class Pix2Seq(TaskModel):
     per_thr = tf.reduce_sum(tf.gather(aux["reward_thr"], thr_index), axis=[1, 2]) / count  # [T distinct]
     for i, t in enumerate(self.thresholds):
       terms[self._thr_name(t)] = per_thr[i]
+    return terms
+
+  def _deviation_losses(self, memory, labels, given=None):
+    """`reinforce_samples: deviations`. given: optional [B, 1 + K, L] int32: the greedy sequences, then K sets of
+    drawn tokens (one per position), used instead of decoding and drawing (the path that compares replica layouts)."""
+    o = self.options
+    if given is None:
+      greedy = self.sample(tf.stop_gradient(memory), num_samples=1, greedy=True)["tokens"][:, 0]  # [B, L]
+    else:
+      greedy = given[:, 0]
+    greedy = tf.stop_gradient(tf.cast(greedy, tf.int32))
+    logits, features = self.decoder(self.decoder.shift_right(greedy), memory, return_features=True)  # [B, L, V]
+    logits = sequence.constrain_logits(tf.cast(logits, tf.float32), **self.layout)
+    log_probs = tf.nn.log_softmax(logits, axis=-1)
+    if given is None:
+      policy = sampling.filter_logits(tf.reshape(tf.stop_gradient(logits), [-1, logits.shape[-1]]),
+                                      temperature=o.sample_temperature, top_k=o.sample_top_k, top_p=o.sample_top_p)
+      draws = sampling.gumbel_sample(tf.tile(policy, [o.num_samples, 1]), self.step_seed(_SALT_SAMPLES))
+      actions = tf.transpose(tf.reshape(draws, [o.num_samples, -1, self.seq_len]), [1, 0, 2])  # [B, K, L]
+    else:
+      actions = tf.cast(given[:, 1:], tf.int32)
+    actions = tf.stop_gradient(actions)
+    gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
+                                    seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
+    greedy_rewards, aux = detection.detection_reward(greedy[:, None], gt, **self.reward_config)  # [B, 1]
+    num = actions.shape[1]
+    deviations = tf.reshape(sequence.token_deviations(greedy, actions), [-1, num * self.seq_len, self.seq_len])
+    deviation_rewards = detection.detection_reward(deviations, gt, **self.reward_config)[0]  # [B, K * L]
+    advantages = tf.reshape(deviation_rewards, [-1, num, self.seq_len]) - greedy_rewards[:, :, None]  # [B, K, L]
+    include = tf.ones([self.seq_len], tf.float32)
+    if not o.reinforce_conf:
+      include = tf.cast(tf.not_equal(sequence.token_kinds(self.seq_len), sequence.CONF), tf.float32)
+    terms = {"loss_reward": reinforce.deviation_loss(log_probs=log_probs, actions=actions, advantages=advantages,
+                                                     include=include)}
+    conf_log_probs = log_probs
+    if o.conf_detach:
+      conf_logits = sequence.constrain_logits(self.decoder.head_logits(tf.stop_gradient(features)), **self.layout)
+      conf_log_probs = tf.nn.log_softmax(tf.cast(conf_logits, tf.float32), axis=-1)
+    terms["loss_conf"] = reinforce.confidence_loss(conf_log_probs, greedy, aux["match_iou"][:, 0],
+                                                   max_conf=self.options.max_conf)
+    terms.update(self._reward_statistics(greedy_rewards, aux))
     return terms
 
   def _slot_credit(self, seqs, gt, rewards):
