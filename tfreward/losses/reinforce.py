@@ -27,6 +27,7 @@ normalisers summed over all replicas, so shares add up to the global-batch mean.
 
 import tensorflow as tf
 
+from tfreward.errors import check_int
 from tfreward.ops import distributed
 from tfreward.ops import sequence
 
@@ -98,8 +99,7 @@ def confidence_targets(conf_tokens, match_iou, *, max_conf):
     [B, S, max_conf + 1] float32 rows summing to 1: one-hot 0 for padding slots, else the IoU spread linearly over
     levels 1..max_conf ([0, 1 - IoU, IoU] for max_conf = 2).
   """
-  if isinstance(max_conf, bool) or not isinstance(max_conf, int) or max_conf < 1:
-    raise ValueError(f"max_conf must be a positive int, got {max_conf!r}.")
+  check_int("max_conf", max_conf)
   iou = tf.clip_by_value(tf.cast(match_iou, tf.float32), 0.0, 1.0)[..., None]  # [B, S, 1]
   levels = tf.range(1, max_conf + 1, dtype=tf.float32)  # [K]
   if max_conf == 1:

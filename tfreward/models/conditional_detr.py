@@ -30,6 +30,7 @@ import keras
 import tensorflow as tf
 
 from tfreward.config import ConfigError
+from tfreward.errors import check_int
 from tfreward.losses.detr import group_detr_loss
 from tfreward.models import detr_layers
 from tfreward.models import options as checks
@@ -117,12 +118,9 @@ class ConditionalDetr(TaskModel):
                encoder_layers=6, decoder_layers=6, ffn_dim=2048, dropout=0.1, num_queries=300, num_groups=11,
                aux_loss=True, cls_loss_weight=2.0, bbox_loss_weight=5.0, giou_loss_weight=2.0, cost_class=2.0,
                cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, max_detections=100, loss_weights=None, **kwargs):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-      raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
-    for name, value in (("num_queries", num_queries), ("num_groups", num_groups), ("decoder_layers", decoder_layers),
-                        ("max_detections", max_detections)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    for name, value in (("num_classes", num_classes), ("num_queries", num_queries), ("num_groups", num_groups),
+                        ("decoder_layers", decoder_layers), ("max_detections", max_detections)):
+      check_int(name, value)
     weights = {"loss_ce": cls_loss_weight, "loss_bbox": bbox_loss_weight, "loss_giou": giou_loss_weight}
     if loss_weights is None:
       suffixes = [""] + ([f"_{k}" for k in range(decoder_layers - 1)] if aux_loss else [])

@@ -33,6 +33,7 @@ import keras
 import tensorflow as tf
 
 from tfreward.config import ConfigError
+from tfreward.errors import check_int
 from tfreward.losses import reinforce
 from tfreward.models import pix2seq_layers as layers
 from tfreward.models import options as checks
@@ -153,8 +154,7 @@ class Pix2Seq(TaskModel):
   """
 
   def __init__(self, *, num_classes, image_size, options=None, loss_weights=None, **kwargs):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-      raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    check_int("num_classes", num_classes)
     if options is None:
       options = Pix2SeqOptions()
     elif isinstance(options, dict):

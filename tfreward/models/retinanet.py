@@ -25,6 +25,7 @@ from typing import Optional
 import tensorflow as tf
 
 from tfreward.config import ConfigError
+from tfreward.errors import check_int
 from tfreward.losses.free_anchor import free_anchor_loss
 from tfreward.losses.retinanet import retinanet_loss
 from tfreward.models import retinanet_layers
@@ -130,8 +131,7 @@ class RetinaNet(TaskModel):
                nms_iou_threshold=0.5, max_detections=100, pre_nms_top_k=1000, loss_weights=None, **kwargs):
     if loss not in LOSSES:
       raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-      raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    check_int("num_classes", num_classes)
     self.loss_type = loss  # read by `log_names` in TaskModel.__init__
     bbox_loss_weight = DEFAULT_BBOX_LOSS_WEIGHT[loss] if bbox_loss_weight is None else float(bbox_loss_weight)
     if loss_weights is None:

@@ -24,6 +24,8 @@ import math
 import keras
 import tensorflow as tf
 
+from tfreward.errors import check_int
+
 PRIOR_PROB = 0.01
 BACKBONES = ("small_resnet", "resnet50")
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -147,8 +149,7 @@ class ResNet50Backbone(keras.layers.Layer):
     super().__init__(**kwargs)
     if weights not in (None, "imagenet"):
       raise ValueError(f"weights must be None or 'imagenet', got {weights!r}.")
-    if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not 0 <= frozen_stages <= 4:
-      raise ValueError(f"frozen_stages must be an int in [0, 4], got {frozen_stages!r}.")
+    check_int("frozen_stages", frozen_stages, minimum=0, maximum=4)
     self.image_size = tuple(int(s) for s in image_size)
     self.weights_name, self.sync_bn, self.frozen_bn = weights, bool(sync_bn), bool(frozen_bn)
     self.frozen_stages = frozen_stages

@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from tfreward.config import ConfigError
+from tfreward.errors import check_int
 from tfreward.losses.yolox import yolox_loss
 from tfreward.models import yolox_layers
 from tfreward.models import options as checks
@@ -76,8 +77,7 @@ class EnableL1LastEpochs(keras.callbacks.Callback):
 
   def __init__(self, last_epochs):
     super().__init__()
-    if isinstance(last_epochs, bool) or not isinstance(last_epochs, int) or last_epochs < 0:
-      raise ValueError(f"last_epochs must be a non-negative int, got {last_epochs!r}.")
+    check_int("last_epochs", last_epochs, minimum=0)
     self.last_epochs = last_epochs
 
   def on_epoch_begin(self, epoch, logs=None):
@@ -115,8 +115,7 @@ class YoloxModel(TaskModel):
     super().__init__(image_size=image_size, loss_weights=loss_weights or DEFAULT_LOSS_WEIGHTS, **kwargs)
     if any(s % STRIDES[-1] for s in self.image_size):
       raise ValueError(f"image_size must be multiples of {STRIDES[-1]}, got {image_size!r}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-      raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    check_int("num_classes", num_classes)
     if iou_type not in ("iou", "giou") or assigner not in ("exact", "fast"):
       raise ValueError(f"iou_type must be 'iou' or 'giou' and assigner 'exact' or 'fast', got {iou_type!r}, "
                        f"{assigner!r}.")

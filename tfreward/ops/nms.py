@@ -19,6 +19,7 @@ changes. Memory is O(B * K^2) for K = pre_nms_top_k.
 
 import tensorflow as tf
 
+from tfreward.errors import check_int
 from tfreward.ops import boxes as box_ops
 
 
@@ -29,10 +30,8 @@ def _check(boxes, scores, classes, max_detections, iou_threshold, pre_nms_top_k)
     raise ValueError(f"the number of boxes N must be static, got shape {boxes.shape}.")
   if scores.shape.rank != 2 or classes.shape.rank != 2:
     raise ValueError(f"scores and classes must be [B, N], got shapes {scores.shape} and {classes.shape}.")
-  if isinstance(max_detections, bool) or not isinstance(max_detections, int) or max_detections < 1:
-    raise ValueError(f"max_detections must be a positive int, got {max_detections!r}.")
-  if isinstance(pre_nms_top_k, bool) or not isinstance(pre_nms_top_k, int) or pre_nms_top_k < 1:
-    raise ValueError(f"pre_nms_top_k must be a positive int, got {pre_nms_top_k!r}.")
+  check_int("max_detections", max_detections)
+  check_int("pre_nms_top_k", pre_nms_top_k)
   if not 0.0 <= float(iou_threshold) <= 1.0:
     raise ValueError(f"iou_threshold must lie in [0, 1], got {iou_threshold!r}.")
 
@@ -136,8 +135,7 @@ def top_class_candidates(boxes, class_scores, *, top_k):
   class_scores = tf.convert_to_tensor(class_scores)
   if class_scores.shape.rank != 3 or None in class_scores.shape[1:]:
     raise ValueError(f"class_scores must be [B, N, C] with static N and C, got shape {class_scores.shape}.")
-  if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-    raise ValueError(f"top_k must be a positive int, got {top_k!r}.")
+  check_int("top_k", top_k)
   num_anchors, num_classes = class_scores.shape[1], class_scores.shape[2]
   flat = tf.reshape(class_scores, [-1, num_anchors * num_classes])  # [B, N * C]
   scores, index = tf.math.top_k(flat, min(top_k, num_anchors * num_classes))

@@ -18,6 +18,8 @@ import dataclasses
 
 import tensorflow as tf
 
+from tfreward.errors import check_int
+
 TOKENS_PER_BOX = 6
 
 # Token kinds per position (`token_kinds`). TRAILING marks the `L % 6` positions after the last full slot.
@@ -40,8 +42,7 @@ class TokenLayout:
   def __post_init__(self):
     for name in ("max_level", "max_conf", "num_cls"):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive Python int, got {value!r}.")
+      check_int(name, value)
 
   @property
   def coord_offset(self):
@@ -261,8 +262,7 @@ def sequence_to_detections(tokens, *, token_probs=None, logits=None, max_level, 
 
 def token_kinds(seq_len):
   """[seq_len] int32 kind of each position: COORD, CLASS, CONF, or TRAILING after the last full slot."""
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-    raise ValueError(f"seq_len must be a positive Python int, got {seq_len!r}.")
+  check_int("seq_len", seq_len)
   pattern = tf.constant([COORD] * 4 + [CLASS, CONF], tf.int32)
   slots = seq_len // TOKENS_PER_BOX
   trailing = tf.fill([seq_len - slots * TOKENS_PER_BOX], TRAILING)

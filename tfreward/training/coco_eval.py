@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tfreward.data import transforms
+from tfreward.errors import check_int
 
 # Metric name -> index into COCOeval.stats (default parameters: maxDets 1, 10, 100).
 _STATS_INDEX = {"mAP": 0, "mAP50": 1, "mAP75": 2, "mAP_small": 3, "mAP_medium": 4, "mAP_large": 5, "AR100": 8}
@@ -77,9 +78,8 @@ class CocoDetectionEvaluator:
         raise ValueError(
             f"class_names must be non-empty and match num_classes={num_classes!r}, got {len(class_names)} names.")
       num_classes = len(class_names)
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):
-      raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    if num_classes is not None:
+      check_int("num_classes", num_classes)
     self.num_classes = num_classes
     self.class_names = class_names
     self.reset()

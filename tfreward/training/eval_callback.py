@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfreward.errors import check_int
 from tfreward.training import coco_eval
 from tfreward.training import metrics
 
@@ -33,8 +34,7 @@ class _EvalCallback(keras.callbacks.Callback):
 
   def __init__(self, dataset, *, every_n_epochs, prefix, jit_compile, verbose):
     super().__init__()
-    if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-      raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}.")
+    check_int("every_n_epochs", every_n_epochs)
     if not isinstance(prefix, str):
       raise ValueError(f"prefix must be a str, got {prefix!r}.")
     if verbose not in (0, 1):

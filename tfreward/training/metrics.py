@@ -8,6 +8,8 @@ The update is XLA-compilable (static shapes, one `tf.math.unsorted_segment_sum` 
 import keras
 import tensorflow as tf
 
+from tfreward.errors import check_int
+
 _ACCUMULATOR_DTYPES = ("float32", "float64", "int64")
 
 
@@ -35,8 +37,7 @@ class StreamingMeanIoU(keras.metrics.Metric):
 
   def __init__(self, num_classes, *, ignore_index=255, accumulator_dtype="float32", name="mean_iou", dtype=None):
     super().__init__(name=name, dtype=dtype)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-      raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    check_int("num_classes", num_classes)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or 0 <= ignore_index < num_classes:
       raise ValueError(
           f"ignore_index must be an int outside [0, num_classes={num_classes}), got {ignore_index!r}.")

@@ -15,6 +15,8 @@ as Keras' TensorBoard at epoch level, see them) and writes batch-level scalars `
 import keras
 import tensorflow as tf
 
+from tfreward.errors import check_int
+
 
 class RewardStatsCallback(keras.callbacks.Callback):
   """Logs `model.reward_statistics()` to the progress bar and TensorBoard.
@@ -30,8 +32,7 @@ class RewardStatsCallback(keras.callbacks.Callback):
     super().__init__()
     if log_dir is not None and not isinstance(log_dir, str):
       raise ValueError(f"log_dir must be a str or None, got {log_dir!r}.")
-    if isinstance(update_freq, bool) or not isinstance(update_freq, int) or update_freq < 1:
-      raise ValueError(f"update_freq must be a positive int, got {update_freq!r}.")
+    check_int("update_freq", update_freq)
     self.log_dir = log_dir
     self.update_freq = update_freq
     self.progress_bar = bool(progress_bar)
