@@ -186,8 +186,11 @@ def test_two_replicas_equal_one_replica_given_samples(two_replica_strategy, opti
   np.testing.assert_allclose(total2, total, rtol=1e-5)
   for k in terms:
     np.testing.assert_allclose(terms2[k], terms[k], rtol=1e-5, atol=1e-7)
+  # float32 sums over the halves in another order differ by ulps of the largest gradient entries (tensors that are
+  # zero in exact arithmetic, e.g. biases before a normalisation, hold only such rounding).
+  scale = max(float(np.abs(a).max()) for a in grads)
   for a, b in zip(grads, grads2):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_step_seeds_follow_the_step_and_the_replica(two_replica_strategy):

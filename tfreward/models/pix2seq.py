@@ -281,8 +281,7 @@ class Pix2Seq(TaskModel):
   def _reward_losses(self, memory, labels, samples, greedy=None):
     """samples [B, N, L] int32; greedy: optional [B, 1, L] int32, the greedy sequences (`baseline: greedy` and
     `reinforce_samples: best`)."""
-    gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
-                                    seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
+    gt = self._gt_sequence(labels)
     rewards, aux = detection.detection_reward(samples, gt, **self.reward_config)  # [B, N]
     if greedy is not None:
       greedy_rewards, greedy_aux = detection.detection_reward(greedy, gt, **self.reward_config)  # [B, 1]
@@ -353,8 +352,7 @@ class Pix2Seq(TaskModel):
     else:
       actions = tf.cast(given[:, 1:], tf.int32)
     actions = tf.stop_gradient(actions)
-    gt = sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
-                                    seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
+    gt = self._gt_sequence(labels)
     greedy_rewards, aux = detection.detection_reward(greedy[:, None], gt, **self.reward_config)  # [B, 1]
     num = actions.shape[1]
     deviations = tf.reshape(sequence.token_deviations(greedy, actions), [-1, num * self.seq_len, self.seq_len])
@@ -373,6 +371,11 @@ class Pix2Seq(TaskModel):
                                                    max_conf=self.options.max_conf)
     terms.update(self._reward_statistics(greedy_rewards, aux))
     return terms
+
+  def _gt_sequence(self, labels):
+    """The ground truth as the reward reads it: [B, 6 * M] int32 in dataset order, one slot per object."""
+    return sequence.boxes_to_sequence(labels["boxes"], labels["classes"], labels["valid"], order="fixed",
+                                      seq_len=sequence.TOKENS_PER_BOX * labels["boxes"].shape[1], **self.layout)
 
   def _slot_credit(self, seqs, gt, rewards):
     """seqs [B, N, L] int32, gt [B, Lg], rewards [B, N] -> [B, N, S] float32 per-slot credit (`credit`): the reward
