@@ -42,7 +42,7 @@ def _parser():
 
   curves = sub.add_parser("curves", help="validation curves of runs side by side: a Markdown table and a PNG")
   curves.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
-  curves.add_argument("--label", dest="labels", action="append", default=None, help="one per run (repeatable)")
+  curves.add_argument("--label", dest="labels", action="append", default=None, help="one per run (repeatable); runs sharing a label are averaged, with their range")
   curves.add_argument("--metric", dest="metrics", action="append", default=None,
                       help="validation metric to show (repeatable; default: mAP and mAP50)")
   curves.add_argument("--out", default=None, help="PNG path for the plot")

@@ -38,6 +38,17 @@ def test_scalars_table_and_plot(tmp_path):
   assert Image.open(tmp_path / "plot.png").size[0] > 500
 
 
+def test_runs_sharing_a_label_are_averaged_with_their_range(tmp_path):
+  seeds = [_run(tmp_path / f"a{i}", 100, {0: (0.1 + 0.1 * i, 0.5), 1: (0.2, 0.6)}) for i in range(3)]
+  other = _run(tmp_path / "b", 100, {1: (0.25, 0.7)})
+  table = curves.compare_runs(seeds + [other], labels=["a", "a", "a", "b"], metrics=("mAP",),
+                              out=str(tmp_path / "plot.png"))
+  assert table.splitlines() == ["| step | mAP a | mAP b |", "|---|---|---|",
+                                "| 100 | 0.200 (0.100-0.300, 3 runs) |  |",
+                                "| 200 | 0.200 (0.200-0.200, 3 runs) | 0.250 |"]
+  assert Image.open(tmp_path / "plot.png").size[0] > 300
+
+
 def test_cli_and_errors(tmp_path, capsys):
   a = _run(tmp_path / "a", 10, {0: (0.25, 0.5)})
   assert cli.main(["curves", a, "--metric", "mAP50", "--out", str(tmp_path / "c.png")]) == 0
