@@ -210,13 +210,13 @@ def test_deviation_loss_by_hand():
   include = (np.arange(12) % 6 != 5).astype(np.float32)  # conf tokens left out
   expected = sum(-advantages[b, k, t] * log_probs[b, t, actions[b, k, t]] * include[t]
                  for b in range(2) for k in range(2) for t in range(12)) / (2 * 2 * include.sum())
-  loss = reinforce.deviation_loss(log_probs=log_probs, actions=actions, advantages=advantages, include=include)
+  loss = reinforce.deviation_loss(log_probs=log_probs, actions=actions, advantages=advantages, reinforce_conf=False)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   # The gradient raises the log-probability of an action with a positive advantage.
   variable = tf.Variable(logits)
   with tf.GradientTape() as tape:
     value = reinforce.deviation_loss(log_probs=tf.nn.log_softmax(variable), actions=actions[:, :1],
-                                     advantages=np.ones((2, 1, 12), np.float32), include=np.ones(12, np.float32))
+                                     advantages=np.ones((2, 1, 12), np.float32))
   step = -tape.gradient(value, variable).numpy()
   moved = tf.nn.log_softmax(logits + 10.0 * step).numpy()
   chosen = lambda lp: np.take_along_axis(lp, tokens[..., None], axis=-1)

@@ -167,10 +167,7 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
     advantages = advantages[:, None]
   else:
     raise ValueError(f"advantages must be [B] or [B, L // 6], got shape {advantages.shape}.")
-  include = tf.ones([length], tf.float32)
-  if not reinforce_conf:
-    include = tf.cast(tf.not_equal(sequence.token_kinds(length), sequence.CONF), tf.float32)
-  weights = include[None, :] * tf.ones_like(token_log_prob)  # [B, L]
+  weights = _positions(length, reinforce_conf)[None, :] * tf.ones_like(token_log_prob)  # [B, L]
   if not reinforce_padding:
     present = tf.repeat(tokens[:, 5::6] > 0, sequence.TOKENS_PER_BOX, axis=1)  # [B, L] slot sampled as a box
     is_conf = tf.equal(sequence.token_kinds(length), sequence.CONF)[None, :]
@@ -200,7 +197,14 @@ def confidence_loss(log_probs, tokens, match_iou, *, max_conf):
   return tf.reduce_sum(conf_ce) / tf.maximum(num_slots, 1.0)
 
 
-def deviation_loss(*, log_probs, actions, advantages, include):
+def _positions(length, reinforce_conf):
+  """[length] float32 1/0: the positions in the REINFORCE term (every position, or all but the conf tokens)."""
+  if reinforce_conf:
+    return tf.ones([length], tf.float32)
+  return tf.cast(tf.not_equal(sequence.token_kinds(length), sequence.CONF), tf.float32)
+
+
+def deviation_loss(*, log_probs, actions, advantages, reinforce_conf=True):
   """REINFORCE on one-token deviations from a sequence (the greedy one): every position is a one-step decision.
 
   At position t the policy is p(. | g_<t), read from one teacher-forced pass over the sequence g. The action a_t is
@@ -212,14 +216,15 @@ def deviation_loss(*, log_probs, actions, advantages, include):
     log_probs: [B, L, V] float32 log-probabilities of the policy at each position (constrained to the token kind).
     actions: [B, K, L] int tokens drawn at each position, K draws each.
     advantages: [B, K, L] float; no gradient flows into them.
-    include: [L] float 0/1: positions in the loss (e.g. conf tokens left out).
+    reinforce_conf: bool. Include the conf tokens' positions (as in `reinforce_losses`). Defaults to True.
 
   Returns:
     float32 scalar: sum of -advantage * log p(action) over included positions and draws / their number over all
     replicas.
   """
+  log_probs = tf.cast(tf.convert_to_tensor(log_probs), tf.float32)
   by_position = tf.transpose(tf.cast(actions, tf.int32), [0, 2, 1])  # [B, L, K]
   action_log_prob = tf.transpose(tf.gather(log_probs, by_position, axis=2, batch_dims=2), [0, 2, 1])  # [B, K, L]
-  weights = tf.cast(include, tf.float32)[None, None, :] * tf.ones_like(action_log_prob)
+  weights = _positions(log_probs.shape[1], reinforce_conf)[None, None, :] * tf.ones_like(action_log_prob)
   total = tf.reduce_sum(-tf.stop_gradient(tf.cast(advantages, tf.float32)) * action_log_prob * weights)
   return total / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)

@@ -358,11 +358,8 @@ class Pix2Seq(TaskModel):
     deviations = tf.reshape(sequence.token_deviations(greedy, actions), [-1, num * self.seq_len, self.seq_len])
     deviation_rewards = detection.detection_reward(deviations, gt, **self.reward_config)[0]  # [B, K * L]
     advantages = tf.reshape(deviation_rewards, [-1, num, self.seq_len]) - greedy_rewards[:, :, None]  # [B, K, L]
-    include = tf.ones([self.seq_len], tf.float32)
-    if not o.reinforce_conf:
-      include = tf.cast(tf.not_equal(sequence.token_kinds(self.seq_len), sequence.CONF), tf.float32)
     terms = {"loss_reward": reinforce.deviation_loss(log_probs=log_probs, actions=actions, advantages=advantages,
-                                                     include=include)}
+                                                     reinforce_conf=o.reinforce_conf)}
     conf_log_probs = log_probs
     if o.conf_detach:
       conf_logits = sequence.constrain_logits(self.decoder.head_logits(tf.stop_gradient(features)), **self.layout)
