@@ -164,25 +164,29 @@ def test_zero_advantage_and_all_padding_samples_are_finite():
 
 
 @pytest.mark.parametrize("reinforce_padding", [True, False])
-def test_eager_equals_xla(reinforce_padding):
+@pytest.mark.parametrize("reinforce_conf", [True, False])
+def test_eager_equals_xla(reinforce_padding, reinforce_conf):
   case = [tf.constant(x) for x in _case(seed=3)]
-  eager = _losses(*case, reinforce_padding=reinforce_padding)
-  compiled = tf.function(lambda *args: _losses(*args, reinforce_padding=reinforce_padding), jit_compile=True)(*case)
+  options = dict(reinforce_padding=reinforce_padding, reinforce_conf=reinforce_conf)
+  eager = _losses(*case, **options)
+  compiled = tf.function(lambda *args: _losses(*args, **options), jit_compile=True)(*case)
   for k in eager:
     np.testing.assert_allclose(compiled[k], eager[k], rtol=1e-5)
 
 
 @pytest.mark.parametrize("reinforce_padding", [True, False])
-def test_two_replica_shares_add_up_to_one_replica(two_replica_strategy, reinforce_padding):
+@pytest.mark.parametrize("reinforce_conf", [True, False])
+def test_two_replica_shares_add_up_to_one_replica(two_replica_strategy, reinforce_padding, reinforce_conf):
   """The normaliser (included positions; with reinforce_padding=False it depends on each replica's samples) is
   summed over replicas, so the shares add up to the loss of the whole batch."""
   case = _case(batch=4, seed=5)
-  single = _losses(*case, reinforce_padding=reinforce_padding)
+  options = dict(reinforce_padding=reinforce_padding, reinforce_conf=reinforce_conf)
+  single = _losses(*case, **options)
   halves = [[x[:2] for x in case], [x[2:] for x in case]]
   values = two_replica_strategy.experimental_distribute_values_from_function(
       lambda ctx: tuple(tf.constant(x) for x in halves[ctx.replica_id_in_sync_group]))
   per_replica = two_replica_strategy.run(
-      tf.function(lambda *args: _losses(*args, reinforce_padding=reinforce_padding)), args=values)
+      tf.function(lambda *args: _losses(*args, **options)), args=values)
   for k in single:
     np.testing.assert_allclose(two_replica_strategy.reduce("SUM", per_replica[k], axis=None), single[k], rtol=1e-5)
 
