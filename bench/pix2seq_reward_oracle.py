@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfreward.config import load_config
+from tfreward.models.pix2seq import SamplingOptions
 from tfreward.training import trainer, coco_eval
 from tfreward.rewards import detection
 from tfreward.ops import sequence
@@ -45,8 +46,9 @@ def to_dets(tokens, logits):
 @tf.function(jit_compile=True)
 def run(images, boxes, classes, valid):
   memory = model.encoder(images)
-  g = model.sample(memory, num_samples=1, greedy=True, return_logits=True)
-  s = model.sample(memory, num_samples=N, seed=tf.constant([1, 2]), temperature=T, return_logits=True)
+  g = model.sample(memory, SamplingOptions(greedy=True), num_samples=1, return_logits=True)
+  s = model.sample(memory, SamplingOptions(temperature=T), num_samples=N, seed=tf.constant([1, 2]),
+                   return_logits=True)
   tokens = tf.concat([g["tokens"], s["tokens"]], 1)  # [B, 1+N, L]
   logits = tf.concat([g["logits"], s["logits"]], 1)
   gt = sequence.boxes_to_sequence(boxes, classes, valid, order="fixed", seq_len=6 * boxes.shape[1], **model.layout)

@@ -7,15 +7,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfreward import distribute  # noqa: E402
+from tfreward import strategy as strategies  # noqa: E402
 
-distribute.split_cpu(2)
+strategies.split_cpu(2)
 
 
 @pytest.fixture
 def two_replica_strategy():
   """A MirroredStrategy over two logical CPU devices."""
-  return distribute.mirrored_cpu_strategy(2)
+  return strategies.mirrored_cpu_strategy(2)
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def test_unknown_family():
     ("train.epochs=1.5", "train.epochs: expected an integer"),
     ("data.augment.hflip=3", "expected true or false"),
     ("data.image_size=[64]", "expected 2 values"),
-    ("train.optimizer.name=lamb", "'adamw' or 'sgd'"),
+    ("train.optimizer.name=lamb", "one of adamw, sgd"),
     ("runtime.strategy=quantum", "runtime.strategy"),
     ("data.image_size=[0, 64]", "positive"),
     ("data.task=depth", "data.task"),

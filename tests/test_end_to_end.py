@@ -88,8 +88,8 @@ def test_cli_train_evaluate_export_serve(tmp_path, data_dir, capsys):
 
 
 def test_train_two_replicas(tmp_path, data_dir, two_replica_strategy, monkeypatch):
-  from tfreward import distribute
-  monkeypatch.setattr(distribute, "get_strategy", lambda *a, **k: two_replica_strategy)
+  from tfreward import strategy as strategies
+  monkeypatch.setattr(strategies, "get_strategy", lambda *a, **k: two_replica_strategy)
   config = load_config(_config_file(tmp_path, data_dir))
   result = trainer.train(config, str(tmp_path / "run2"), verbose=0)
   assert result.model.distribute_strategy.num_replicas_in_sync == 2
@@ -138,3 +138,33 @@ def test_cli_errors_are_one_line(tmp_path, data_dir, capsys):
   assert "does not exist" in err
   err = _error_line(capsys, ["evaluate", "--model-dir", str(tmp_path / "nothing")])
   assert "config.yaml" in err
+
+
+def test_same_seed_runs_are_bit_identical(tmp_path, data_dir):
+  """Same config and seed -> the same losses, weights and metrics, also from a second, freshly built dataset (its
+  TFRecord bytes differ: protobuf serialises the feature map in hash order, the parsed examples are equal)."""
+  from tfreward.data import shapes
+  other_dir = str(tmp_path / "tfds2")
+  shapes.ensure_built("tfreward_shapes/test", other_dir)
+  runs = []
+  for i, directory in enumerate((data_dir, data_dir, other_dir)):
+    config = load_config(_config_file(tmp_path, directory, steps_per_execution=1))
+    result = trainer.train(config, str(tmp_path / f"run{i}"), verbose=0)
+    runs.append((result.history, [w.numpy() for w in result.model.weights], result.metrics))
+    with open(tmp_path / f"run{i}" / "runtime.json") as f:
+      assert json.load(f)["train_step_xla"] is True
+  for history, weights, metrics in runs[1:]:
+    assert history == runs[0][0] and metrics == runs[0][2]
+    assert all(np.array_equal(a, b) for a, b in zip(weights, runs[0][1]))
+
+
+def test_op_determinism_is_recorded_and_warned(tmp_path, data_dir):
+  """TF_DETERMINISTIC_OPS=1 makes Keras drop jit_compile=True: the run says so instead of silently differing."""
+  env = dict(os.environ, TF_DETERMINISTIC_OPS="1")
+  model_dir = str(tmp_path / "det")
+  proc = subprocess.run([sys.executable, "-m", "tfreward.cli", "train", _config_file(tmp_path, data_dir),
+                         "--no-eval", "--model-dir", model_dir], env=env, capture_output=True, text=True, check=True)
+  assert "runs without XLA" in proc.stderr
+  with open(os.path.join(model_dir, "runtime.json")) as f:
+    record = json.load(f)
+  assert record["op_determinism"] is True and record["train_step_xla"] is False

@@ -61,6 +61,25 @@ def _parser():
   return parser
 
 
+def _export(config, model_dir, export_dir=None):
+  """Exports the trained model in `model_dir` as a SavedModel (default `<model_dir>/export`); returns its path."""
+  from tfreward.export.saved_model import export_saved_model
+  from tfreward.training import trainer
+  export_dir = export_dir or os.path.join(model_dir, "export")
+  export_saved_model(trainer.load_trained_model(config, model_dir), export_dir)
+  return export_dir
+
+
+def _evaluate_saved_model(config, export_dir):
+  """COCO metrics of the SavedModel in `export_dir` as served, on `config`'s evaluation split."""
+  from tfreward.errors import UserError
+  from tfreward.export.served_detector import ServedDetector
+  from tfreward.training import trainer
+  if config.data.task != "detection":
+    raise UserError(f"evaluating a SavedModel supports detection models, got data.task={config.data.task!r}.")
+  return trainer.evaluate_model(config, ServedDetector(export_dir, config.data.image_size), jit_compile=False)
+
+
 def _run(args):
   from tfreward.config import load_config
   if args.command == "train":
@@ -72,7 +91,7 @@ def _run(args):
     if result.metrics:
       print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
     if args.export:
-      print("exported to", trainer.export(config, model_dir))
+      print("exported to", _export(config, model_dir))
     print("model directory:", model_dir)
   elif args.command == "evaluate":
     from tfreward.training import trainer
@@ -80,13 +99,12 @@ def _run(args):
     if args.saved_model is None:
       results = trainer.evaluate(config, args.model_dir)
     else:
-      from tfreward.export.served_detector import evaluate_saved_model
-      results = evaluate_saved_model(config, args.saved_model or os.path.join(args.model_dir, "export"))
+      results = _evaluate_saved_model(config, args.saved_model or os.path.join(args.model_dir, "export"))
     print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
   elif args.command == "export":
     from tfreward.training import trainer
     config = load_config(trainer.saved_config_dict(args.model_dir))
-    print("exported to", trainer.export(config, args.model_dir, args.export_dir))
+    print("exported to", _export(config, args.model_dir, args.export_dir))
   elif args.command == "curves":
     from tfreward.training import curves
     print(curves.compare_runs(args.model_dirs, labels=args.labels, metrics=args.metrics or ("mAP", "mAP50"),

@@ -19,6 +19,12 @@ import yaml
 
 from tfreward.errors import ConfigError  # noqa: F401  (re-exported: the config module's error)
 
+# The choice lists of the config, each spelled here once (the strategy resolver and the pipelines import them).
+TASKS = ("detection", "segmentation")
+STRATEGY_NAMES = ("auto", "tpu", "gpu", "cpu")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step", "constant")
+
 
 @dataclasses.dataclass
 class AugmentConfig:
@@ -70,7 +76,6 @@ class TrainConfig:
   mixed_precision: bool = False  # mixed_bfloat16
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   eval_every_epochs: int = 1
-  checkpoint_every_epochs: int = 1
   init_checkpoint: Optional[str] = None  # weights to start from (e.g. an MLE run before reward tuning)
 
 
@@ -215,11 +220,15 @@ def _split_model_section(raw):
   return raw
 
 
+def _check_choice(key, value, choices):
+  if value not in choices:
+    raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}.")
+
+
 def validate(config):
   """Cross-field checks. Raises ConfigError."""
   d, t = config.data, config.train
-  if d.task not in ("detection", "segmentation"):
-    raise ConfigError(f"data.task must be 'detection' or 'segmentation', got {d.task!r}.")
+  _check_choice("data.task", d.task, TASKS)
   if any(s <= 0 for s in d.image_size):
     raise ConfigError(f"data.image_size must be two positive integers, got {list(d.image_size)}.")
   for name in ("global_batch_size", "eval_batch_size", "max_instances"):
@@ -230,13 +239,9 @@ def validate(config):
                       f"{d.augment.scale_min}, {d.augment.scale_max}.")
   if t.epochs <= 0 or t.steps_per_epoch <= 0 or t.steps_per_execution <= 0:
     raise ConfigError("train.epochs, train.steps_per_epoch and train.steps_per_execution must be positive.")
-  if t.optimizer.name not in ("adamw", "sgd"):
-    raise ConfigError(f"train.optimizer.name must be 'adamw' or 'sgd', got {t.optimizer.name!r}.")
-  if t.optimizer.schedule not in ("cosine", "step", "constant"):
-    raise ConfigError(f"train.optimizer.schedule must be 'cosine', 'step' or 'constant', got "
-                      f"{t.optimizer.schedule!r}.")
-  if config.runtime.strategy not in ("auto", "tpu", "gpu", "cpu"):
-    raise ConfigError(f"runtime.strategy must be auto, tpu, gpu or cpu, got {config.runtime.strategy!r}.")
+  _check_choice("train.optimizer.name", t.optimizer.name, OPTIMIZERS)
+  _check_choice("train.optimizer.schedule", t.optimizer.schedule, SCHEDULES)
+  _check_choice("runtime.strategy", config.runtime.strategy, STRATEGY_NAMES)
   return config
 
 

@@ -1,40 +1,44 @@
 """Model families by name: the one lookup from a config's `model.family` to code.
 
-Each family module exposes an options dataclass (its typed config keys) and
-`build(options, *, num_classes, image_size, clip_norm) -> TaskModel`. Built-in families are imported
+A family is a `tfreward.models.base.TaskModel` subclass; its `options_cls` dataclass holds its typed config keys,
+and it is built as `model_cls(options, *, num_classes, image_size, clip_norm)`. Built-in families are imported
 lazily, so `import tfreward` stays light; users add their own with `register_family`.
 """
 
 import dataclasses
 import importlib
-from typing import Callable
 
-from tfreward.config import ConfigError, from_dict
+from tfreward.config import TASKS, ConfigError, from_dict
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  options_cls: type
-  build: Callable
-  task: str  # "detection" or "segmentation"
+  model_cls: type
+  task: str  # one of TASKS
+
+  @property
+  def options_cls(self):
+    return self.model_cls.options_cls
 
 
 _BUILTIN = {
-    # name: (module, options class, task)
-    "toy_detector": ("tfreward.models.toy_detector", "ToyDetectorOptions", "detection"),
-    "pix2seq": ("tfreward.models.pix2seq", "Pix2SeqOptions", "detection"),
-    "yolox": ("tfreward.models.yolox", "YoloxOptions", "detection"),
-    "retinanet": ("tfreward.models.retinanet", "RetinaNetOptions", "detection"),
-    "group_detr": ("tfreward.models.conditional_detr", "GroupDetrOptions", "detection"),
+    # name: (module, model class, task)
+    "toy_detector": ("tfreward.models.toy_detector", "ToyDetector", "detection"),
+    "pix2seq": ("tfreward.models.pix2seq", "Pix2Seq", "detection"),
+    "yolox": ("tfreward.models.yolox", "Yolox", "detection"),
+    "retinanet": ("tfreward.models.retinanet", "RetinaNet", "detection"),
+    "group_detr": ("tfreward.models.group_detr", "GroupDetr", "detection"),
 }
 _REGISTERED = {}
 
 
-def register_family(name, options_cls, build, task="detection"):
-  """Adds a model family: `options_cls` a dataclass, `build(options, *, num_classes, image_size, ...)`."""
-  if not dataclasses.is_dataclass(options_cls):
-    raise ValueError(f"options_cls must be a dataclass, got {options_cls!r}.")
-  _REGISTERED[name] = Family(options_cls, build, task)
+def register_family(name, model_cls, task="detection"):
+  """Adds a model family: `model_cls` a TaskModel subclass whose `options_cls` is a dataclass."""
+  if not dataclasses.is_dataclass(getattr(model_cls, "options_cls", None)):
+    raise ValueError(f"model_cls.options_cls must be a dataclass, got {model_cls!r}.")
+  if task not in TASKS:
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+  _REGISTERED[name] = Family(model_cls, task)
 
 
 def family_names():
@@ -46,9 +50,8 @@ def get_family(name):
     return _REGISTERED[name]
   if name not in _BUILTIN:
     raise ConfigError(f"unknown model family {name!r}; known families: {', '.join(family_names())}.")
-  module_name, options_name, task = _BUILTIN[name]
-  module = importlib.import_module(module_name)
-  return Family(getattr(module, options_name), module.build, task)
+  module_name, class_name, task = _BUILTIN[name]
+  return Family(getattr(importlib.import_module(module_name), class_name), task)
 
 
 def parse_options(family_name, options):
@@ -60,4 +63,4 @@ def build_model(model_config, *, num_classes, image_size, clip_norm=None):
   """Builds the model named by `model_config.family` with its validated options."""
   family = get_family(model_config.family)
   options = parse_options(model_config.family, model_config.options)
-  return family.build(options, num_classes=num_classes, image_size=image_size, clip_norm=clip_norm)
+  return family.model_cls(options, num_classes=num_classes, image_size=image_size, clip_norm=clip_norm)

@@ -81,3 +81,10 @@ def test_xla_matches_eager_batched():
   fn = tf.function(box_ops.pairwise_giou, jit_compile=True)
   np.testing.assert_allclose(fn(a, b), box_ops.pairwise_giou(a, b), rtol=1e-6, atol=1e-6)
   assert fn(a, b).shape == (2, 5, 5)
+
+
+def test_order_corners():
+  swapped = np.array([[0.6, 0.1, 0.2, 0.5], [0.1, 0.9, 0.3, 0.2]], np.float32)
+  np.testing.assert_allclose(box_ops.order_corners(swapped), [[0.2, 0.1, 0.6, 0.5], [0.1, 0.2, 0.3, 0.9]])
+  with pytest.raises(ValueError, match="last dimension of 4"):
+    box_ops.order_corners(np.zeros([2, 3], np.float32))

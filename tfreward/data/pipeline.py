@@ -33,9 +33,9 @@ import tensorflow_datasets as tfds
 from tfreward.data import augment
 from tfreward.data import decoders
 from tfreward.data import transforms
+from tfreward.config import TASKS
 from tfreward.errors import DatasetError
 
-TASKS = ("detection", "segmentation")
 _AUTOTUNE = tf.data.AUTOTUNE
 
 

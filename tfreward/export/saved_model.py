@@ -23,17 +23,17 @@ The exported graph needs only TensorFlow to load and run (`tf.saved_model.load(p
 
 import tensorflow as tf
 
+from tfreward.config import TASKS
 from tfreward.data import transforms
 
-_TASKS = ("detection", "segmentation")
 
 
 def _infer_task(model, task):
   if task is not None:
-    if task not in _TASKS:
-      raise ValueError(f"task must be one of {_TASKS} or None, got {task!r}.")
+    if task not in TASKS:
+      raise ValueError(f"task must be one of {TASKS} or None, got {task!r}.")
     return task
-  found = [t for t, method in zip(_TASKS, ("detect", "segment")) if callable(getattr(model, method, None))]
+  found = [t for t, method in zip(TASKS, ("detect", "segment")) if callable(getattr(model, method, None))]
   if len(found) != 1:
     raise ValueError(
         f"cannot tell the task of {model!r}: it must have exactly one of detect() and segment() (found {found}); "

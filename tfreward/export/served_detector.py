@@ -1,7 +1,7 @@
 """Evaluate an exported SavedModel as it is served: the `serve_images` signature, not the Python model.
 
 `ServedDetector` wraps a loaded detection SavedModel in the detection contract (`image_size`, `detect`) so that
-`CocoEvalCallback` can score it on an evaluation split: each evaluation canvas (uint8 [B, H, W, 3] at the model's
+`tfreward.training.trainer.evaluate_model` can score it on an evaluation split: each evaluation canvas (uint8 [B, H, W, 3] at the model's
 `image_size`) goes through the serving graph (resize-and-pad of a canvas to itself is the identity), and the served
 boxes, in the canvas's pixels, are normalised back to the canvas. This checks the exported graph end to end
 (preprocessing, `detect`, the mapping to original pixels) against the same COCO mAP as training's evaluation.
@@ -43,14 +43,3 @@ class ServedDetector:
     scale = tf.constant([height, width, height, width], tf.float32)
     return {"boxes": out["boxes"] / scale, "scores": out["scores"], "classes": out["classes"],
             "num_detections": out["num_detections"]}
-
-
-def evaluate_saved_model(config, export_dir, *, verbose=1):
-  """COCO metrics of the SavedModel in `export_dir` on `config`'s evaluation split (dict name -> float)."""
-  from tfreward.training import trainer
-  from tfreward.training.eval_callback import CocoEvalCallback
-  if config.data.task != "detection":
-    raise UserError(f"evaluating a SavedModel supports detection models, got data.task={config.data.task!r}.")
-  served = ServedDetector(export_dir, config.data.image_size)
-  callback = CocoEvalCallback(trainer.eval_dataset(config), jit_compile=False, verbose=verbose)
-  return {k: float(v) for k, v in callback.evaluate(served).items()}

@@ -5,7 +5,7 @@ Per decoder layer: match each group of queries to the ground truth (`detr_matche
   loss_bbox  L1 between matched predicted and target cxcywh boxes,
   loss_giou  1 - GIoU of the matched pairs,
 each summed and divided by `num_boxes = max(1, G * targets in the global batch)`. The values are unweighted; the
-usual weights (2, 5, 2 for ce, bbox, giou, the same for every layer) are applied by `weighted_total`.
+model weights them (`GroupDetr.loss_weights`: 2, 5, 2 for ce, bbox, giou, the same for every layer).
 
 Replicas: every term returned inside a replica is that replica's share of the global-batch value (see
 `tfreward.ops.distributed`): shares summed over replicas equal the loss of the whole batch on one replica. The
@@ -108,28 +108,9 @@ def _layer_terms(logits, boxes, gt_boxes, gt_classes, gt_valid, num_boxes, *, nu
   return terms, correct, card_sum
 
 
-def global_normalisers(gt_valid, *, num_groups):
-  """Global-batch normalisers of `group_detr_loss`, summed over all replicas.
-
-  Call it outside an XLA-compiled per-replica function (where cross-replica all-reduce is not available under a
-  CPU/GPU MirroredStrategy) and pass the result to `group_detr_loss(..., normalisers=...)` inside it.
-
-  Args:
-    gt_valid: [B, T] bool, this replica's valid targets.
-    num_groups: int G >= 1.
-
-  Returns:
-    [2] float32: [G * targets, G * images] over the global batch (not clamped).
-  """
-  gt_valid = tf.convert_to_tensor(gt_valid)
-  local_pairs = float(num_groups) * tf.reduce_sum(tf.cast(gt_valid, tf.float32))
-  local_group_images = float(num_groups) * tf.cast(tf.shape(gt_valid)[0], tf.float32)
-  return distributed.global_sum(tf.stack([local_pairs, local_group_images]))
-
-
 def group_detr_loss(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, *, num_groups, aux_outputs=(),
                     cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0,
-                    gt_box_format="yxyx", normalisers=None):
+                    gt_box_format="yxyx"):
   """Group DETR losses of the last decoder layer and every auxiliary layer, with the matchings used.
 
   Args:
@@ -145,8 +126,6 @@ def group_detr_loss(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, *, 
     cost_class, cost_bbox, cost_giou: float matching-cost weights. Defaults to 2.0, 5.0, 2.0.
     focal_alpha, focal_gamma: float focal loss (and focal matching cost) parameters. Defaults to 0.25, 2.0.
     gt_box_format: str. "yxyx" (the data contract) or "cxcywh". Defaults to "yxyx".
-    normalisers: optional [2] float32 from `global_normalisers(gt_valid, num_groups=...)`, computed outside an
-      XLA-compiled replica function. Defaults to computing them here (one all-reduce).
 
   Returns:
     dict of float32 scalars (this replica's share): `loss_ce`, `loss_bbox`, `loss_giou`, `class_error`,
@@ -174,10 +153,10 @@ def group_detr_loss(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, *, 
   gt_classes = tf.where(gt_valid, tf.cast(gt_classes, tf.int32), 0)
 
   # One all-reduce for every normaliser: [matched pairs, group-images] over the global batch.
-  if normalisers is None:
-    normalisers = global_normalisers(gt_valid, num_groups=num_groups)
-  global_pairs, global_group_images = tf.unstack(tf.cast(normalisers, tf.float32))
   local_pairs = float(num_groups) * tf.reduce_sum(tf.cast(gt_valid, tf.float32))
+  local_group_images = float(num_groups) * tf.cast(tf.shape(gt_valid)[0], tf.float32)
+  global_pairs, global_group_images = tf.unstack(distributed.global_sum(tf.stack([local_pairs,
+                                                                                  local_group_images])))
   num_boxes = tf.maximum(global_pairs, 1.0)
   group_images = tf.maximum(global_group_images, 1.0)
 
@@ -197,22 +176,3 @@ def group_detr_loss(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, *, 
                                       no_pairs_share)
     losses.update({name + suffix: value for name, value in terms.items()})
   return losses
-
-
-def weighted_total(losses, *, weight_ce=2.0, weight_bbox=5.0, weight_giou=2.0):
-  """The training loss: weighted sum of `loss_ce`, `loss_bbox`, `loss_giou` of every layer in `losses`.
-
-  Args:
-    losses: dict from `group_detr_loss`.
-    weight_ce, weight_bbox, weight_giou: float weights, the same for every layer. Defaults to 2.0, 5.0, 2.0.
-
-  Returns:
-    float32 scalar (this replica's share).
-  """
-  weights = {"loss_ce": weight_ce, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
-  total = tf.constant(0.0, tf.float32)
-  for name, value in losses.items():
-    base = name.rstrip("0123456789").rstrip("_") if name[-1:].isdigit() else name
-    if base in weights:
-      total += weights[base] * value
-  return total

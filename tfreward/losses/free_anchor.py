@@ -185,8 +185,7 @@ def _check_inputs(inputs, pre_anchor_topk):
 
 def free_anchor_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_valid, *, pre_anchor_topk=50,
                      bbox_thr=0.6, gamma=2.0, alpha=0.5, smoothl1_beta=0.11, loss_weight=0.75,
-                     target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(0.1, 0.1, 0.2, 0.2), wh_ratio_clip=0.016,
-                     num_positives=None):
+                     target_means=(0.0, 0.0, 0.0, 0.0), target_stds=(0.1, 0.1, 0.2, 0.2), wh_ratio_clip=0.016):
   """FreeAnchor positive and negative bag losses; this replica's share of the global-batch value.
 
   Args:
@@ -205,9 +204,6 @@ def free_anchor_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_v
     target_means: 4 floats of the box coder. Defaults to (0, 0, 0, 0).
     target_stds: 4 positive floats of the box coder. Defaults to (0.1, 0.1, 0.2, 0.2).
     wh_ratio_clip: float in (0, 1), the decode clamp of the box probability. Defaults to 0.016.
-    num_positives: optional float scalar, the number of valid GT in the global batch. Defaults to
-      `global_sum(count of gt_valid)` computed here. Pass it (computed that way outside) when this loss runs inside
-      `tf.function(jit_compile=True)` under MirroredStrategy, where the all-reduce cannot be compiled.
 
   Returns:
     dict with float32 scalars `positive_bag_loss` and `negative_bag_loss`.
@@ -222,10 +218,7 @@ def free_anchor_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_v
   _check_coder(target_means, target_stds, wh_ratio_clip)
   coder = dict(target_means=target_means, target_stds=target_stds)
   k = int(pre_anchor_topk)
-  if num_positives is None:
-    num_pos = global_sum(tf.reduce_sum(tf.cast(tf.cast(gt_valid, tf.bool), tf.float32)))
-  else:
-    num_pos = tf.cast(num_positives, tf.float32)
+  num_pos = global_sum(tf.reduce_sum(tf.cast(tf.cast(gt_valid, tf.bool), tf.float32)))  # valid GT, all replicas
   terms, _, _ = positive_bag_terms(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_valid,
                                    pre_anchor_topk=k, alpha=alpha, smoothl1_beta=smoothl1_beta,
                                    loss_weight=loss_weight, **coder)

@@ -67,26 +67,6 @@ def slot_returns(rewards, prefix_rewards):
   return tf.cast(rewards, tf.float32)[..., None] - tf.cast(prefix_rewards, tf.float32)
 
 
-def box_rewards(rewards, prefix_rewards):
-  """What each box slot adds: the reward of the sequence cut after the slot minus that of the sequence cut before it.
-
-  These sum to the sequence's reward over the slots. As REINFORCE credit they are biased (they leave out a slot's
-  effect on the matches of later slots, e.g. a box that takes a match a later, better box would have had), in
-  exchange for far less noise than the reward-to-go of `slot_returns`.
-
-  Args:
-    rewards: [...] float rewards of whole sequences.
-    prefix_rewards: [..., S] float rewards of their slot-prefixes (`sequence.slot_prefixes`).
-
-  Returns:
-    [..., S] float32.
-  """
-  rewards = tf.cast(rewards, tf.float32)
-  prefix_rewards = tf.cast(prefix_rewards, tf.float32)
-  after = tf.concat([prefix_rewards[..., 1:], rewards[..., None]], axis=-1)  # reward of slots 0..k
-  return after - prefix_rewards
-
-
 def confidence_targets(conf_tokens, match_iou, *, max_conf):
   """Targets of the confidence loss over the conf tokens 0..max_conf.
 
@@ -112,7 +92,7 @@ def confidence_targets(conf_tokens, match_iou, *, max_conf):
 
 
 def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_conf, num_cls, reinforce_conf=True,
-                     constrained=True, conf_logits=None, reinforce_padding=True):
+                     constrained=True):
   """REINFORCE and confidence losses of the chosen samples (this replica's shares).
 
   Args:
@@ -124,12 +104,6 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
     max_level, max_conf, num_cls: int. The `sequence.TokenLayout`; V must be its vocab_size.
     reinforce_conf: bool. Include conf tokens in the REINFORCE term (see the module docstring). Defaults to True.
     constrained: bool. Log-probabilities restricted to each position's token kind. Defaults to True.
-    conf_logits: optional [B, L, V] float logits for the confidence loss (e.g. computed from detached decoder states,
-      so that it trains the output layer only). Defaults to `logits`.
-    reinforce_padding: bool. Include the coordinate and class tokens of slots sampled as padding (conf token 0) in
-      the REINFORCE term, as the seed does. False leaves them out, as MLE leaves out the coordinates and classes of
-      noise boxes: their near-uniform tokens carry no information but the largest score-function gradients.
-      Defaults to True.
 
   Returns:
     dict of float32 scalars:
@@ -146,16 +120,9 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
     raise ValueError(f"logits must be [B, {tokens.shape[1]}, {layout.vocab_size}], got {logits.shape}.")
   tokens = tf.cast(tokens, tf.int32)
   length = tokens.shape[1]
-  if conf_logits is not None:
-    conf_logits = tf.cast(tf.convert_to_tensor(conf_logits), tf.float32)
-    if conf_logits.shape != logits.shape:
-      raise ValueError(f"conf_logits must have the shape of logits {logits.shape}, got {conf_logits.shape}.")
   if constrained:
     logits = sequence.constrain_logits(logits, max_level=max_level, max_conf=max_conf, num_cls=num_cls)
-    if conf_logits is not None:
-      conf_logits = sequence.constrain_logits(conf_logits, max_level=max_level, max_conf=max_conf, num_cls=num_cls)
   log_probs = tf.nn.log_softmax(logits, axis=-1)  # [B, L, V]
-  conf_log_probs = log_probs if conf_logits is None else tf.nn.log_softmax(conf_logits, axis=-1)
   token_log_prob = tf.gather(log_probs, tokens, axis=2, batch_dims=2)  # [B, L]
   advantages = tf.stop_gradient(tf.cast(advantages, tf.float32))
   if advantages.shape.rank == 2:
@@ -168,14 +135,10 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
   else:
     raise ValueError(f"advantages must be [B] or [B, L // 6], got shape {advantages.shape}.")
   weights = _positions(length, reinforce_conf)[None, :] * tf.ones_like(token_log_prob)  # [B, L]
-  if not reinforce_padding:
-    present = tf.repeat(tokens[:, 5::6] > 0, sequence.TOKENS_PER_BOX, axis=1)  # [B, L] slot sampled as a box
-    is_conf = tf.equal(sequence.token_kinds(length), sequence.CONF)[None, :]
-    weights *= tf.cast(present | is_conf, tf.float32)
   reward_sum = tf.reduce_sum(-advantages * token_log_prob * weights)
   loss_reward = reward_sum / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)
 
-  loss_conf = confidence_loss(conf_log_probs, tokens, match_iou, max_conf=max_conf)
+  loss_conf = confidence_loss(log_probs, tokens, match_iou, max_conf=max_conf)
   return {"loss_reward": loss_reward, "loss_conf": loss_conf}
 
 
@@ -202,29 +165,3 @@ def _positions(length, reinforce_conf):
   if reinforce_conf:
     return tf.ones([length], tf.float32)
   return tf.cast(tf.not_equal(sequence.token_kinds(length), sequence.CONF), tf.float32)
-
-
-def deviation_loss(*, log_probs, actions, advantages, reinforce_conf=True):
-  """REINFORCE on one-token deviations from a sequence (the greedy one): every position is a one-step decision.
-
-  At position t the policy is p(. | g_<t), read from one teacher-forced pass over the sequence g. The action a_t is
-  a token drawn from it, the outcome the reward of g with token t replaced by a_t (all other tokens kept), and the
-  baseline the reward of g itself, which does not depend on a_t; so `advantages` = reward(g with a_t) - reward(g) is
-  an unbiased REINFORCE estimate of how a_t moves the reward of g, zero where a_t = g_t.
-
-  Args:
-    log_probs: [B, L, V] float32 log-probabilities of the policy at each position (constrained to the token kind).
-    actions: [B, K, L] int tokens drawn at each position, K draws each.
-    advantages: [B, K, L] float; no gradient flows into them.
-    reinforce_conf: bool. Include the conf tokens' positions (as in `reinforce_losses`). Defaults to True.
-
-  Returns:
-    float32 scalar: sum of -advantage * log p(action) over included positions and draws / their number over all
-    replicas.
-  """
-  log_probs = tf.cast(tf.convert_to_tensor(log_probs), tf.float32)
-  by_position = tf.transpose(tf.cast(actions, tf.int32), [0, 2, 1])  # [B, L, K]
-  action_log_prob = tf.transpose(tf.gather(log_probs, by_position, axis=2, batch_dims=2), [0, 2, 1])  # [B, K, L]
-  weights = _positions(log_probs.shape[1], reinforce_conf)[None, None, :] * tf.ones_like(action_log_prob)
-  total = tf.reduce_sum(-tf.stop_gradient(tf.cast(advantages, tf.float32)) * action_log_prob * weights)
-  return total / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)

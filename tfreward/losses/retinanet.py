@@ -95,8 +95,7 @@ def _check_inputs(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_vali
 
 def retinanet_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_valid, *, pos_iou_thr=0.5,
                    neg_iou_thr=0.4, match_low_quality=True, min_pos_iou=0.0, alpha=0.25, gamma=2.0,
-                   smoothl1_beta=0.11, target_means=box_coder.DEFAULT_MEANS, target_stds=box_coder.DEFAULT_STDS,
-                   num_positives=None):
+                   smoothl1_beta=0.11, target_means=box_coder.DEFAULT_MEANS, target_stds=box_coder.DEFAULT_STDS):
   """RetinaNet focal classification and smooth L1 box losses; this replica's share of the global-batch value.
 
   Args:
@@ -111,8 +110,6 @@ def retinanet_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_val
     gamma: float >= 0, focal exponent. Defaults to 2.0.
     smoothl1_beta: float >= 0 (0 is L1). Defaults to 0.11.
     target_means, target_stds: 4 floats each, the box coder's. Default to (0, 0, 0, 0) and (0.1, 0.1, 0.2, 0.2).
-    num_positives: optional float scalar, the number of positive anchors in the global batch. Defaults to the
-      `global_sum` of this replica's count, computed here.
 
   Returns:
     dict with float32 scalars `cls_loss` and `box_loss`.
@@ -138,7 +135,6 @@ def retinanet_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_val
   box_l1 = tf.reduce_sum(smooth_l1(tf.cast(box_deltas, tf.float32) - box_targets, beta=smoothl1_beta), axis=-1)
   box_sum = tf.reduce_sum(tf.where(positive, box_l1, 0.0))
 
-  if num_positives is None:
-    num_positives = global_sum(tf.reduce_sum(tf.cast(positive, tf.float32)))
-  normaliser = tf.maximum(tf.cast(num_positives, tf.float32), 1.0)
+  # The number of positive anchors in the global batch (all replicas), at least 1.
+  normaliser = tf.maximum(global_sum(tf.reduce_sum(tf.cast(positive, tf.float32))), 1.0)
   return {"cls_loss": cls_sum / normaliser, "box_loss": box_sum / normaliser}

@@ -8,9 +8,8 @@
 
 Distribution: num_fg and the object count are summed over all replicas (`global_sum`), so every returned value is
 this replica's share of the global-batch value and the shares add up to it (with one replica: the whole value).
-Under a MirroredStrategy an all-reduce cannot run inside an XLA-compiled function; there, compile
-`yolox_loss_sums` (no cross-replica op) and finish with `normalize_yolox_sums` outside. The normaliser carries no
-gradient, so gradients of the normalised total are those of `sums["total"]` divided by the global num_fg.
+The normaliser carries no gradient, so gradients of the normalised total are those of the sums divided by the
+global num_fg.
 """
 
 import tensorflow as tf
@@ -51,7 +50,7 @@ def _box_loss(pred_boxes, target_boxes, iou_type):
   return 1.0 - tf.clip_by_value(box_ops.elementwise_giou(pred_xyxy, target_xyxy), -1.0, 1.0)
 
 
-def yolox_loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), num_classes, use_l1=False,
+def _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), num_classes, use_l1=False,
                     iou_type="iou", variant="exact"):
   """Assignment and un-normalised loss sums of this replica's images (no cross-replica op; XLA-safe anywhere).
 
@@ -111,8 +110,8 @@ def yolox_loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 
     }
 
 
-def normalize_yolox_sums(sums):
-  """Divides the sums of `yolox_loss_sums` by the global num_fg (all-reduced, clamped at 1).
+def _normalize_sums(sums):
+  """Divides the sums of `_loss_sums` by the global num_fg (all-reduced, clamped at 1).
 
   Returns:
     dict with the components `iou`, `obj`, `cls`, `l1`, `total` (this replica's shares) and `num_fg_over_num_gts`
@@ -149,6 +148,6 @@ def yolox_loss(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
     `matched_gt` [B, A] int32 (object slot in [0, M), -1 for background), `matched_iou` [B, A] float32.
     All losses are computed in float32 whatever the output dtype.
   """
-  sums = yolox_loss_sums(outputs, gt_boxes, gt_classes, gt_valid, strides=strides, num_classes=num_classes,
-                         use_l1=use_l1, iou_type=iou_type, variant=variant)
-  return normalize_yolox_sums(sums)
+  sums = _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, strides=strides, num_classes=num_classes,
+                    use_l1=use_l1, iou_type=iou_type, variant=variant)
+  return _normalize_sums(sums)

@@ -166,3 +166,12 @@ def clip_boxes(boxes, lower=0.0, upper=1.0):
   """Clips every coordinate of [..., 4] boxes to [lower, upper]."""
   _check_last_dim(boxes)
   return tf.clip_by_value(boxes, lower, upper)
+
+
+def order_corners(boxes):
+  """[..., 4] yxyx whose corners may be swapped (e.g. regressed independently) -> [..., 4] yxyx with
+  ymin <= ymax and xmin <= xmax."""
+  _check_last_dim(boxes)
+  ymin, xmin, ymax, xmax = tf.unstack(tf.convert_to_tensor(boxes), axis=-1)
+  return tf.stack([tf.minimum(ymin, ymax), tf.minimum(xmin, xmax), tf.maximum(ymin, ymax), tf.maximum(xmin, xmax)],
+                  axis=-1)

@@ -325,22 +325,3 @@ def slot_prefixes(tokens):
   slot_of = tf.range(length) // TOKENS_PER_BOX  # [L]
   keep = (slot_of[None, :] < tf.range(slots)[:, None]) | (token_kinds(length) != CONF)[None, :]  # [S, L]
   return tf.where(keep, tokens[..., None, :], tf.zeros([], tokens.dtype))
-
-
-def token_deviations(tokens, replacements):
-  """Sequences that differ from `tokens` in one position each.
-
-  Args:
-    tokens: [..., L] int sequences.
-    replacements: [..., K, L] int, same dtype: a replacement token for every position, K sets.
-
-  Returns:
-    [..., K, L, L]: entry (k, t) is `tokens` with position t replaced by replacements[..., k, t].
-  """
-  tokens = tf.convert_to_tensor(tokens)
-  replacements = tf.convert_to_tensor(replacements, tokens.dtype)
-  length = tokens.shape[-1]
-  if length is None or replacements.shape[-1] != length or replacements.shape.rank != tokens.shape.rank + 1:
-    raise ValueError(f"replacements must be [..., K, {length}] for tokens {tokens.shape}, got {replacements.shape}.")
-  at = tf.eye(length, dtype=tf.bool)  # [L (which position is replaced), L]
-  return tf.where(at, replacements[..., :, :, None], tokens[..., None, None, :])

@@ -3,11 +3,13 @@
 A model directory holds:
   config.yaml           the resolved config the run used
   backup/               BackupAndRestore state, so an interrupted run resumes at the epoch it stopped in
-  checkpoints/          weights after every `checkpoint_every_epochs` epochs (`latest.weights.h5`)
+  checkpoints/          weights after every epoch (`latest.weights.h5`)
   logs/                 TensorBoard
   final.weights.h5      weights at the end of training
   metrics.json          the last evaluation
-  export/               the SavedModel written by `export`
+  export/               the SavedModel written by `tfreward export` (`tfreward.export.saved_model`)
+
+The trainer never imports `tfreward.export`: the CLI composes training and export.
 """
 
 import dataclasses
@@ -20,8 +22,10 @@ import keras
 import tensorflow as tf
 import yaml
 
-from tfreward import distribute, registry
+from tfreward import strategy as strategies, registry
 from tfreward.config import ConfigError, to_dict
+from tfreward.training import recipes
+from tfreward.training import runtime_record
 from tfreward.training.optimizers import build_optimizer
 
 FINAL_WEIGHTS = "final.weights.h5"
@@ -75,25 +79,33 @@ def build_model(config, strategy=None, spec=None, *, compile_model=True):
                                    clip_norm=config.train.optimizer.clip_norm)
       if compile_model:
         total_steps = config.train.epochs * config.train.steps_per_epoch
-        xla = distribute.use_xla_in_compile(strategy)
+        xla = strategies.use_xla_in_compile(strategy)
         model.compile(optimizer=build_optimizer(config.train.optimizer, total_steps), jit_compile=xla,
                       steps_per_execution=config.train.steps_per_execution if xla else 1)
+        if xla and not model.jit_compile:
+          # Keras drops jit_compile=True with only a warning when op determinism is on (TF_DETERMINISTIC_OPS=1 or
+          # tf.config.experimental.enable_op_determinism()) or a layer has supports_jit=False. The graph step it
+          # falls back to rounds differently (YOLOX-nano: loss 13.51640 vs 13.51634 at step 0), so the run does not
+          # reproduce the committed numbers; the XLA step is already bit-reproducible on one machine and TF build.
+          logging.warning("The train step runs without XLA (op determinism enabled: %s): results will differ from "
+                          "XLA runs of the same config and seed.", runtime_record.op_determinism_enabled())
       model.build_for_training()
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
   return model
 
 
-def eval_callback(config, model_dir=None):
-  """The evaluation callback for the configured task (COCO box mAP or mean IoU)."""
+def eval_callback(config, **kwargs):
+  """The evaluation callback for the configured task (COCO box mAP or mean IoU); `kwargs` go to its constructor."""
   from tfreward.training import eval_callback as callbacks
   dataset = eval_dataset(config)
   every = config.train.eval_every_epochs
   if config.data.task == "segmentation":
     spec = dataset_spec(config)
     return callbacks.SegmentationEvalCallback(dataset, num_classes=spec.num_classes_for("segmentation"),
-                                              every_n_epochs=every)
-  return callbacks.CocoEvalCallback(dataset, every_n_epochs=every, class_names=dataset_spec(config).class_names)
+                                              every_n_epochs=every, **kwargs)
+  return callbacks.CocoEvalCallback(dataset, every_n_epochs=every, class_names=dataset_spec(config).class_names,
+                                    **kwargs)
 
 
 def _write_config(config, model_dir):
@@ -120,7 +132,7 @@ def saved_config_dict(model_dir):
 def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
   """Trains `config` into `model_dir` and returns a TrainResult. Resumes if `model_dir` holds a backup."""
   keras.utils.set_random_seed(config.runtime.seed)
-  strategy = distribute.get_strategy(config.runtime.strategy, config.runtime.tpu_address)
+  strategy = strategies.get_strategy(config.runtime.strategy, config.runtime.tpu_address)
   spec = dataset_spec(config)
   from tfreward.data import pipeline
   per_replica_check = config.data.global_batch_size % strategy.num_replicas_in_sync
@@ -133,18 +145,20 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
     model.load_weights(config.train.init_checkpoint)
     logging.info("Initialised weights from %s", config.train.init_checkpoint)
   _write_config(config, model_dir)
+  runtime_record.write(model, model_dir)
 
-  evaluator = eval_callback(config, model_dir) if evaluate else None
+  evaluator = eval_callback(config) if evaluate else None
   standard = [evaluator] if evaluator is not None else []
+  log_dir = os.path.join(model_dir, "logs")
   standard += [
       keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
       keras.callbacks.ModelCheckpoint(os.path.join(model_dir, LATEST_WEIGHTS), save_weights_only=True,
                                       save_freq="epoch"),
-      keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
+      keras.callbacks.TensorBoard(log_dir, write_graph=False),
       *callbacks,
   ]
   # The recipe's callbacks (e.g. EMA, reward statistics) go first, so evaluation and checkpoints see their effect.
-  all_callbacks = list(model.recipe_callbacks(standard)) + standard
+  all_callbacks = recipes.recipe_callbacks(model, standard, log_dir=log_dir) + standard
   # Our datasets shuffle themselves; Keras warns about its own `shuffle` default for every tf.data input.
   warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
   history = model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=config.train.steps_per_epoch,
@@ -174,19 +188,15 @@ def load_trained_model(config, model_dir, *, weights=None):
 
 
 def evaluate(config, model_dir, *, weights=None):
-  """Evaluates the trained model in `model_dir` on the evaluation split; returns the metrics dict."""
+  """Evaluates the trained model in `model_dir` on the evaluation split; writes and returns the metrics dict."""
   model = load_trained_model(config, model_dir, weights=weights)
-  results = eval_callback(config, model_dir).evaluate(model)
-  results = {k: float(v) for k, v in results.items()}
+  results = evaluate_model(config, model)
   with open(os.path.join(model_dir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
 
 
-def export(config, model_dir, export_dir=None, *, weights=None):
-  """Exports the trained model in `model_dir` as a SavedModel; returns its path."""
-  from tfreward.export.saved_model import export_saved_model
-  model = load_trained_model(config, model_dir, weights=weights)
-  export_dir = export_dir or os.path.join(model_dir, "export")
-  export_saved_model(model, export_dir)
-  return export_dir
+def evaluate_model(config, model, **kwargs):
+  """Metrics of `model` (anything with the task's `detect` or `segment` and `image_size`, e.g. a served
+  SavedModel) on `config`'s evaluation split: dict name -> float. `kwargs` go to the evaluation callback."""
+  return {k: float(v) for k, v in eval_callback(config, **kwargs).evaluate(model).items()}

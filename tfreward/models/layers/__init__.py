@@ -1,0 +1,1 @@
+"""Building blocks shared by several families: `mlp.MLP`, `attention` (multi-head dot-product attention)."""
