@@ -141,11 +141,10 @@ def test_cli_errors_are_one_line(tmp_path, data_dir, capsys):
 
 
 def test_same_seed_runs_are_bit_identical(tmp_path, data_dir):
-  """Same config and seed -> the same losses, weights and metrics, also from a second, freshly built dataset (its
-  TFRecord bytes differ: protobuf serialises the feature map in hash order, the parsed examples are equal)."""
-  from tfreward.data import shapes
-  other_dir = str(tmp_path / "tfds2")
-  shapes.ensure_built("tfreward_shapes/test", other_dir)
+  """Same config and seed -> the same losses, weights and metrics, also when the run first generates the dataset
+  itself (its TFRecord bytes differ: protobuf serialises the feature map in hash order, the parsed examples are
+  equal; generating it draws random numbers, which must not change the initial weights)."""
+  other_dir = str(tmp_path / "tfds2")  # not built yet: the third run generates it
   runs = []
   for i, directory in enumerate((data_dir, data_dir, other_dir)):
     config = load_config(_config_file(tmp_path, directory, steps_per_execution=1))

@@ -76,6 +76,16 @@ def _check_arguments(spec, task, image_size, global_batch_size, max_instances, s
                      f"use a multiple of {num_replicas}.")
 
 
+def prepare_dataset(dataset, data_dir=None, manual_dir=None):
+  """Generates `dataset` (tfreward_shapes) or prepares it from its manual download (Cityscapes) if it is not yet
+  prepared in `data_dir`; returns its TFDS builder. Never downloads anything.
+
+  Generating a dataset draws from the global random state that `keras.utils.set_random_seed` seeds, so the trainer
+  prepares the data before it seeds: a run then starts from the same weights whether or not the data existed.
+  """
+  return _load_builder(decoders.get_spec(dataset), data_dir, manual_dir)
+
+
 def _load_builder(spec, data_dir, manual_dir):
   """The TFDS builder of `spec`; prepares Cityscapes from its manual download, never downloads anything."""
   if spec.tfds_name.startswith("tfreward_shapes"):

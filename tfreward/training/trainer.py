@@ -131,10 +131,13 @@ def saved_config_dict(model_dir):
 
 def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
   """Trains `config` into `model_dir` and returns a TrainResult. Resumes if `model_dir` holds a backup."""
+  from tfreward.data import pipeline
+  # Before seeding: generating the data on first use draws from the global random state, and would otherwise change
+  # the initial weights (a run on freshly generated data then differed from one on existing data).
+  pipeline.prepare_dataset(config.data.dataset, config.data.data_dir, config.data.manual_dir)
   keras.utils.set_random_seed(config.runtime.seed)
   strategy = strategies.get_strategy(config.runtime.strategy, config.runtime.tpu_address)
   spec = dataset_spec(config)
-  from tfreward.data import pipeline
   per_replica_check = config.data.global_batch_size % strategy.num_replicas_in_sync
   if per_replica_check:
     raise ConfigError(f"data.global_batch_size {config.data.global_batch_size} is not divisible by the "
