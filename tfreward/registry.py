@@ -28,6 +28,7 @@ _BUILTIN = {
     "yolox": ("tfreward.models.yolox", "Yolox", "detection"),
     "retinanet": ("tfreward.models.retinanet", "RetinaNet", "detection"),
     "group_detr": ("tfreward.models.group_detr", "GroupDetr", "detection"),
+    "deeplab": ("tfreward.models.deeplab", "DeepLab", "segmentation"),
 }
 _REGISTERED = {}
 
