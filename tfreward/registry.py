@@ -8,7 +8,7 @@ lazily, so `import tfreward` stays light; users add their own with `register_fam
 import dataclasses
 import importlib
 
-from tfreward.config import TASKS, ConfigError, from_dict
+from tfreward.config import TASKS, ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ def get_family(name):
 
 def parse_options(family_name, options):
   """Validates `model:` keys (besides `family`) into the family's options dataclass."""
-  return from_dict(get_family(family_name).options_cls, options, "model")
+  return get_family(family_name).model_cls.parse_options(options)
 
 
 def build_model(model_config, *, num_classes, image_size, clip_norm=None):

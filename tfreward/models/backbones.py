@@ -22,6 +22,7 @@ import tensorflow as tf
 from tfreward.errors import check_int
 
 RESNET_SIZES = (10, 18, 50)
+RESNETS = {f"resnet{size}": size for size in RESNET_SIZES}  # config name -> `ResNet` size
 OUTPUT_STRIDES = (8, 16, 32)
 LEVELS = ("C2", "C3", "C4", "C5")
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)

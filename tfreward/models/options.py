@@ -30,6 +30,13 @@ def check_number(name, value, minimum=None, *, allow_none=False):
     raise ConfigError(f"model.{name} must be {'null or ' if allow_none else ''}a finite number{bound}, got {value!r}.")
 
 
+def check_image_size_multiple(image_size, multiple, family):
+  """Raises ValueError unless both sides of `image_size` (the config's data.image_size) are multiples of
+  `multiple` (the coarsest stride of `family`'s feature pyramid)."""
+  if any(int(s) % multiple for s in image_size):
+    raise ValueError(f"data.image_size must be multiples of {multiple} for {family}, got {list(image_size)!r}.")
+
+
 def check_backbone_weights(weights, backbone):
   """Pre-trained weights exist only for the ResNet-50 backbone: null, or "imagenet" with backbone resnet50."""
   if weights not in (None, "imagenet") or (weights and backbone != "resnet50"):

@@ -3,10 +3,11 @@
 import dataclasses
 from typing import Optional
 
-from tfreward.config import ConfigError
+from tfreward.errors import ConfigError
+from tfreward.models import backbones
 from tfreward.models import options as checks
 
-BACKBONES = {"resnet10": 10, "resnet18": 18, "resnet50": 50}  # name -> `tfreward.models.backbones.ResNet` size
+BACKBONES = backbones.RESNETS  # config name -> `tfreward.models.backbones.ResNet` size
 OUTPUT_STRIDES = (16, 8)
 
 

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from tfreward.losses.free_anchor import free_anchor_loss
 from tfreward.losses.retinanet import retinanet_loss
+from tfreward.models import options as checks
 from tfreward.models.backbones import ResNet
 from tfreward.models.base import TaskModel
 from tfreward.models.retinanet.layers import FPN, RetinaHead
@@ -47,8 +48,7 @@ class RetinaNet(TaskModel):
 
   def __init__(self, options=None, **kwargs):
     super().__init__(options, **kwargs)
-    if any(s % 32 for s in self.image_size):
-      raise ValueError(f"data.image_size must be multiples of 32 for RetinaNet, got {list(self.image_size)!r}.")
+    checks.check_image_size_multiple(self.image_size, 32, "RetinaNet")
     opts = self.options
     num_anchors = anchor_ops.num_anchors_per_location(scales_per_octave=opts.scales_per_octave,
                                                       aspect_ratios=opts.aspect_ratios)

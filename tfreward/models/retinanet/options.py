@@ -3,13 +3,14 @@
 import dataclasses
 from typing import Optional
 
-from tfreward.config import ConfigError
+from tfreward.errors import ConfigError
+from tfreward.models import backbones
 from tfreward.models import options as checks
 
 LOSSES = ("free_anchor", "retinanet")
 LOSS_TERMS = {"free_anchor": ("positive_bag_loss", "negative_bag_loss"), "retinanet": ("cls_loss", "box_loss")}
 DEFAULT_BBOX_LOSS_WEIGHT = {"free_anchor": 0.75, "retinanet": 1.0}
-BACKBONES = {"resnet10": 10, "resnet18": 18, "resnet50": 50}  # name -> `tfreward.models.backbones.ResNet` size
+BACKBONES = backbones.RESNETS  # config name -> `tfreward.models.backbones.ResNet` size
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ Post-processing never runs in the train step.
 import tensorflow as tf
 
 from tfreward.losses.yolox import yolox_loss
+from tfreward.models import options as checks
 from tfreward.models.base import RecipeCallback, TaskModel
 from tfreward.models.yolox import layers
 from tfreward.models.yolox.options import SIZES, YoloxOptions
@@ -42,9 +43,7 @@ class Yolox(TaskModel):
 
   def __init__(self, options=None, **kwargs):
     super().__init__(options, **kwargs)
-    if any(s % STRIDES[-1] for s in self.image_size):
-      raise ValueError(f"data.image_size must be multiples of {STRIDES[-1]} for yolox, got "
-                       f"{list(self.image_size)!r}.")
+    checks.check_image_size_multiple(self.image_size, STRIDES[-1], "yolox")
     options = self.options
     depth, width, depthwise = SIZES[options.size]
     self.depth_multiplier = float(depth if options.depth_multiplier is None else options.depth_multiplier)
