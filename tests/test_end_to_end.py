@@ -13,7 +13,7 @@ import yaml
 
 from tfreward import cli
 from tfreward.config import load_config
-from tfreward.export import served_detector
+from tfreward.export.served import ServedDetector
 from tfreward.training import trainer
 
 SERVE = r"""
@@ -82,7 +82,7 @@ def test_cli_train_evaluate_export_serve(tmp_path, data_dir, capsys):
   config = load_config(trainer.saved_config_dict(model_dir))
   images, _ = next(iter(trainer.eval_dataset(config)))
   direct = trainer.load_trained_model(config, model_dir).detect(images)
-  served_out = served_detector.ServedDetector(os.path.join(model_dir, "export"), (64, 64)).detect(images)
+  served_out = ServedDetector(os.path.join(model_dir, "export"), (64, 64)).detect(images)
   for key in direct:
     np.testing.assert_allclose(served_out[key], direct[key], rtol=1e-5, atol=1e-5, err_msg=key)
 

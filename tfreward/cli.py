@@ -71,13 +71,26 @@ def _export(config, model_dir, export_dir=None):
 
 
 def _evaluate_saved_model(config, export_dir):
-  """COCO metrics of the SavedModel in `export_dir` as served, on `config`'s evaluation split."""
-  from tfreward.errors import UserError
-  from tfreward.export.served_detector import ServedDetector
+  """COCO metrics or mIoU (per class too) of the SavedModel in `export_dir` as served, on `config`'s evaluation
+  split."""
+  from tfreward.export.served import ServedDetector, ServedSegmenter
   from tfreward.training import trainer
-  if config.data.task != "detection":
-    raise UserError(f"evaluating a SavedModel supports detection models, got data.task={config.data.task!r}.")
-  return trainer.evaluate_model(config, ServedDetector(export_dir, config.data.image_size), jit_compile=False)
+  served = ServedDetector if config.data.task == "detection" else ServedSegmenter
+  return trainer.evaluate_model(config, served(export_dir, config.data.image_size), jit_compile=False,
+                                per_class=True)
+
+
+def _print_metrics(results):
+  """One line of the summary metrics, then a table of the per-class ones ("IoU/<class>", "AP/<class>")."""
+  summary = {k: v for k, v in results.items() if "/" not in k}
+  print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+  per_class = {k: v for k, v in results.items() if "/" in k}
+  if per_class:
+    width = max(len(k.split("/", 1)[1]) for k in per_class)
+    metric = next(iter(per_class)).split("/", 1)[0]
+    print(f"  {'class'.ljust(width)}  {metric}")
+    for key, value in per_class.items():
+      print(f"  {key.split('/', 1)[1].ljust(width)}  {value:.4f}")
 
 
 def _run(args):
@@ -100,7 +113,7 @@ def _run(args):
       results = trainer.evaluate(config, args.model_dir)
     else:
       results = _evaluate_saved_model(config, args.saved_model or os.path.join(args.model_dir, "export"))
-    print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    _print_metrics(results)
   elif args.command == "export":
     from tfreward.training import trainer
     config = load_config(trainer.saved_config_dict(args.model_dir))

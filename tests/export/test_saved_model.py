@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 from tfreward.errors import UserError
-from tfreward.export import saved_model, served_detector
+from tfreward.export import saved_model
+from tfreward.export.served import ServedDetector, ServedSegmenter
 from tfreward.testing import BrightBoxDetector, BrightSegmenter
 
 # Runs in a fresh interpreter where keras, tf_keras and tfreward cannot be imported (TensorFlow only); prints the
@@ -165,13 +166,25 @@ def test_served_detector_equals_the_model_on_canvases(served, tmp_path):
   images = np.zeros([2, 32, 32, 3], np.uint8)
   images[0, 4:10, 20:30] = 255
   images[1, 15:31, 2:9] = 255
-  wrapped = served_detector.ServedDetector(served["exports"]["detector"], (32, 32))
+  wrapped = ServedDetector(served["exports"]["detector"], (32, 32))
   direct, through_serving = served["detector_model"].detect(images), wrapped.detect(tf.constant(images))
   keep = np.arange(3)[None] < direct["num_detections"].numpy()[:, None]
   for key in ("boxes", "scores", "classes"):
     np.testing.assert_allclose(np.asarray(through_serving[key])[keep], np.asarray(direct[key])[keep], atol=1e-6)
   np.testing.assert_array_equal(through_serving["num_detections"], direct["num_detections"])
   with pytest.raises(UserError, match="not a detection model"):
-    served_detector.ServedDetector(served["exports"]["segmenter"], (32, 32))
+    ServedDetector(served["exports"]["segmenter"], (32, 32))
   with pytest.raises(UserError, match="no SavedModel"):
-    served_detector.ServedDetector(str(tmp_path / "missing"), (32, 32))
+    ServedDetector(str(tmp_path / "missing"), (32, 32))
+
+
+def test_served_segmenter_equals_the_model_on_canvases(served):
+  images = np.zeros([2, 32, 32, 3], np.uint8)
+  images[0, 4:10, 20:30] = 255
+  images[1, 15:31, 2:9] = 255
+  wrapped = ServedSegmenter(served["exports"]["segmenter"], (32, 32))
+  labels = wrapped.segment(tf.constant(images))["labels"]
+  assert labels.dtype == tf.int32
+  np.testing.assert_array_equal(labels, (images[..., 0] > 127).astype(np.int32))
+  with pytest.raises(UserError, match="not a segmentation model"):
+    ServedSegmenter(served["exports"]["detector"], (32, 32))

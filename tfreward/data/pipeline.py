@@ -104,6 +104,11 @@ def _load_builder(spec, data_dir, manual_dir):
   return builder
 
 
+def read_examples(builder, spec, split):
+  """Every TFDS example of `split` once, in file order, images still encoded (`decoders.decode_example` decodes)."""
+  return _read(builder, spec, split, shuffle_files=False, seed=None)
+
+
 def _read(builder, spec, split, *, shuffle_files, seed):
   """TFDS examples of `split` with images still encoded; a clear error when the data is not prepared."""
   try:

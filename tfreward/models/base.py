@@ -10,6 +10,8 @@ them. A family implements
   `loss_weights` (property): loss term -> weight. The total is their weighted sum, formed here and nowhere else;
   `log_names`: the keys of `compute_losses` shown in the progress bar (a tuple, or a property of the options);
 and optionally
+  `statistic_names`: further keys of `compute_losses` tracked as running epoch means (reward statistics), read by
+      `reward_statistics()` together with a logged `reward`;
   `recipe_callbacks() -> list[RecipeCallback]`: callbacks its training recipe needs (weight EMA, reward statistics),
       by name; the trainer builds them (`tfreward.training.recipes`), so models never import `training`;
   `learning_rate_multipliers() -> list[(variables, float)]`: per-layer learning rates (e.g. a backbone at 0.1 x lr).
@@ -62,6 +64,7 @@ class TaskModel(keras.Model):
 
   options_cls = None
   log_names = ()
+  statistic_names = ()
 
   def __init__(self, options=None, *, num_classes, image_size, clip_norm=None, **kwargs):
     super().__init__(**kwargs)
@@ -74,6 +77,7 @@ class TaskModel(keras.Model):
     self.clip_norm = None if clip_norm is None else float(clip_norm)
     names = ("loss",) + tuple(n for n in self.log_names if n != "loss")
     self._trackers = {n: keras.metrics.Mean(name=n) for n in names}
+    self.stat_trackers = {n: keras.metrics.Mean(name=n) for n in self.statistic_names}
 
   @classmethod
   def parse_options(cls, options):
@@ -115,6 +119,15 @@ class TaskModel(keras.Model):
     """The callbacks this family's training recipe needs, as `RecipeCallback`s. Defaults to none."""
     return []
 
+  def required_dataset_statistics(self):
+    """Names of training-split statistics the trainer must pass to `set_dataset_statistics` before training (e.g.
+    "class_pixel_counts": labelled pixels per class). Defaults to none."""
+    return ()
+
+  def set_dataset_statistics(self, statistics):
+    """Receives {name: value} for the names of `required_dataset_statistics`. Defaults to ignoring them."""
+    del statistics
+
   def learning_rate_multipliers(self):
     """Per-layer learning rates: a list of (variables, multiplier). Defaults to none (every variable at lr).
 
@@ -128,7 +141,15 @@ class TaskModel(keras.Model):
 
   @property
   def metrics(self):
-    return list(self._trackers.values())
+    return list(self._trackers.values()) + list(self.stat_trackers.values())
+
+  def reward_statistics(self):
+    """Running epoch means of `statistic_names` and of a logged `reward`: dict name -> float ({} without any)."""
+    if not self.stat_trackers:
+      return {}
+    stats = {"reward": float(self._trackers["reward"].result())} if "reward" in self._trackers else {}
+    stats.update({name: float(t.result()) for name, t in self.stat_trackers.items()})
+    return stats
 
   def total_loss(self, terms):
     total = tf.add_n([tf.cast(terms[k], tf.float32) * w for k, w in self.loss_weights.items()])
@@ -168,6 +189,8 @@ class TaskModel(keras.Model):
     for name in self.log_names:
       if name != "loss":
         self._trackers[name].update_state(distributed.global_sum(tf.cast(terms[name], tf.float32)))
+    for name, tracker in self.stat_trackers.items():
+      tracker.update_state(distributed.global_sum(tf.cast(terms[name], tf.float32)))
     return {name: tracker.result() for name, tracker in self._trackers.items()}
 
   def train_step(self, data):

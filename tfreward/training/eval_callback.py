@@ -143,18 +143,22 @@ class SegmentationEvalCallback(_EvalCallback):
     prefix: str. Defaults to "val_" (logs `val_mIoU`).
     jit_compile: bool. Compile `segment` with XLA. Defaults to True.
     verbose: 0 or 1. Defaults to 1.
+    class_names: optional sequence of `num_classes` str for `per_class_iou()`. Defaults to "0", "1", ...
   """
 
   _method = "segment"
 
   def __init__(self, dataset, *, num_classes, every_n_epochs=1, ignore_index=255, prefix="val_", jit_compile=True,
-               verbose=1):
+               verbose=1, class_names=None):
     super().__init__(dataset, every_n_epochs=every_n_epochs, prefix=prefix, jit_compile=jit_compile,
                      verbose=verbose)
     # Validates num_classes and ignore_index now rather than after the first epoch.
     metrics.StreamingMeanIoU(num_classes, ignore_index=ignore_index)
     self.num_classes = num_classes
     self.ignore_index = ignore_index
+    self.class_names = tuple(str(i) for i in range(num_classes)) if class_names is None else tuple(class_names)
+    if len(self.class_names) != num_classes:
+      raise ValueError(f"class_names must name the {num_classes} classes, got {len(self.class_names)} names.")
     self.metric = None
 
   def evaluate(self, model):
@@ -170,3 +174,12 @@ class SegmentationEvalCallback(_EvalCallback):
       weight = None if weight is None else np.asarray(weight).astype(np.float32)
       self.metric.update_state(labels["mask"], predicted, sample_weight=weight)
     return {"mIoU": float(self.metric.result())}
+
+  def per_class_iou(self):
+    """IoU of each class in the last evaluation: dict class name -> float (NaN for a class absent from both the
+    labels and the predictions); {} before any evaluation."""
+    if self.metric is None:
+      return {}
+    iou = self.metric.per_class_iou().numpy()
+    present = self.metric.class_present().numpy()
+    return {name: float(v) if p else float("nan") for name, v, p in zip(self.class_names, iou, present)}

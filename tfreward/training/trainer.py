@@ -103,7 +103,8 @@ def eval_callback(config, **kwargs):
   if config.data.task == "segmentation":
     spec = dataset_spec(config)
     return callbacks.SegmentationEvalCallback(dataset, num_classes=spec.num_classes_for("segmentation"),
-                                              every_n_epochs=every, **kwargs)
+                                              class_names=spec.segmentation_class_names, every_n_epochs=every,
+                                              **kwargs)
   return callbacks.CocoEvalCallback(dataset, every_n_epochs=every, class_names=dataset_spec(config).class_names,
                                     **kwargs)
 
@@ -129,6 +130,21 @@ def saved_config_dict(model_dir):
     return _flatten_model_section(yaml.safe_load(f))
 
 
+def _set_dataset_statistics(config, model):
+  """Gives the model the training-split statistics it asks for (`required_dataset_statistics`), counted once."""
+  needed = model.required_dataset_statistics()
+  if not needed:
+    return
+  from tfreward.data import statistics
+  known = {"class_pixel_counts": lambda: statistics.class_pixel_counts(
+      config.data.dataset, split=config.data.train_split, data_dir=config.data.data_dir,
+      manual_dir=config.data.manual_dir)}
+  unknown = [name for name in needed if name not in known]
+  if unknown:
+    raise ValueError(f"{type(model).__name__} asks for unknown dataset statistics {unknown}; known: {sorted(known)}.")
+  model.set_dataset_statistics({name: known[name]() for name in needed})
+
+
 def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
   """Trains `config` into `model_dir` and returns a TrainResult. Resumes if `model_dir` holds a backup."""
   from tfreward.data import pipeline
@@ -145,8 +161,14 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
   train_data = pipeline.distributed_dataset(strategy, **_data_kwargs(config, training=True))
   model = build_model(config, strategy, spec)
   if config.train.init_checkpoint:
+    # A .weights.h5 holds the optimizer too (step counter, moments): keep only the model's weights, so the new
+    # stage's schedule starts at step 0 with fresh moments.
+    fresh = [v.numpy() for v in model.optimizer.variables]
     model.load_weights(config.train.init_checkpoint)
+    for variable, value in zip(model.optimizer.variables, fresh):
+      variable.assign(value)
     logging.info("Initialised weights from %s", config.train.init_checkpoint)
+  _set_dataset_statistics(config, model)
   _write_config(config, model_dir)
   runtime_record.write(model, model_dir)
 
@@ -193,13 +215,22 @@ def load_trained_model(config, model_dir, *, weights=None):
 def evaluate(config, model_dir, *, weights=None):
   """Evaluates the trained model in `model_dir` on the evaluation split; writes and returns the metrics dict."""
   model = load_trained_model(config, model_dir, weights=weights)
-  results = evaluate_model(config, model)
+  results = evaluate_model(config, model, per_class=True)
   with open(os.path.join(model_dir, "metrics.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
 
 
-def evaluate_model(config, model, **kwargs):
+def evaluate_model(config, model, *, per_class=False, **kwargs):
   """Metrics of `model` (anything with the task's `detect` or `segment` and `image_size`, e.g. a served
-  SavedModel) on `config`'s evaluation split: dict name -> float. `kwargs` go to the evaluation callback."""
-  return {k: float(v) for k, v in eval_callback(config, **kwargs).evaluate(model).items()}
+  SavedModel) on `config`'s evaluation split: dict name -> float. With `per_class`, also "AP/<class name>" (COCO AP
+  0.5:0.95) or "IoU/<class name>" (NaN for a class absent from both the labels and the predictions). `kwargs` go to
+  the evaluation callback."""
+  callback = eval_callback(config, **kwargs)
+  results = {k: float(v) for k, v in callback.evaluate(model).items()}
+  if per_class:
+    if config.data.task == "segmentation":
+      results.update({f"IoU/{name}": float(v) for name, v in callback.per_class_iou().items()})
+    else:
+      results.update({f"AP/{name}": float(v) for name, v in callback.per_class_ap().items()})
+  return results

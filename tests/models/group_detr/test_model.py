@@ -10,7 +10,8 @@ import tensorflow as tf
 
 from tfreward import testing
 from tfreward.errors import ConfigError
-from tfreward.export import saved_model, served_detector
+from tfreward.export import saved_model
+from tfreward.export.served import ServedDetector
 from tfreward.models.group_detr import GroupDetr, GroupDetrOptions, layers
 
 IMAGE_SIZE = (64, 64)
@@ -259,7 +260,7 @@ def test_exported_saved_model_serves_the_first_group(tmp_path):
   saved_model.export_saved_model(model, tmp_path / "export")
   images = _batch(2, seed=7)[0]
   direct = model.detect(tf.constant(images))
-  served = served_detector.ServedDetector(str(tmp_path / "export"), IMAGE_SIZE).detect(tf.constant(images))
+  served = ServedDetector(str(tmp_path / "export"), IMAGE_SIZE).detect(tf.constant(images))
   for key in direct:
     np.testing.assert_allclose(served[key], direct[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert served["boxes"].shape == (2, 100, 4) and served["num_detections"].numpy().tolist() == [6 * NUM_CLASSES] * 2

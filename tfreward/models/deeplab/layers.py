@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from tfreward.models.backbones import ConvBN
+from tfreward.models.layers.dropout import Dropout
 
 
 class ASPP(keras.layers.Layer):
@@ -34,7 +35,7 @@ class ASPP(keras.layers.Layer):
                       for i, r in enumerate(self.rates)]
     self.pool_conv = ConvBN(self.channels, 1, sync_bn=self.sync_bn, name="image_pool")
     self.project = ConvBN(self.channels, 1, sync_bn=self.sync_bn, name="project")
-    self.dropout = keras.layers.Dropout(self.dropout_rate)
+    self.dropout = Dropout(self.dropout_rate)
 
   def image_pooling(self, x, training=False):
     """The image-level branch: [B, h, w, Cin] -> [B, h, w, channels], constant over space."""
@@ -70,7 +71,7 @@ class SegmentationHead(keras.layers.Layer):
     self.dropout_rate, self.sync_bn = float(dropout), bool(sync_bn)
     # === Layers ===
     self.conv = ConvBN(self.channels, 3, sync_bn=self.sync_bn, name="conv")
-    self.dropout = keras.layers.Dropout(self.dropout_rate)
+    self.dropout = Dropout(self.dropout_rate)
     self.classifier = keras.layers.Conv2D(self.num_classes, 1, kernel_initializer=keras.initializers.RandomNormal(
         stddev=0.01), name="classifier")
 

@@ -18,7 +18,6 @@ replica id)` with step = the optimizer's iteration counter, so a run is reproduc
 detection, scored by the expected IoU its conf-token distribution implies; fixed size K = num_boxes.
 """
 
-import keras
 import tensorflow as tf
 
 from tfreward.models.base import RecipeCallback, TaskModel
@@ -27,7 +26,6 @@ from tfreward.models.pix2seq import mle
 from tfreward.models.pix2seq import reward
 from tfreward.models.pix2seq.decoder import SequenceDecoder, decode
 from tfreward.models.pix2seq.options import Pix2SeqOptions
-from tfreward.ops import distributed
 from tfreward.ops import sampling
 from tfreward.ops import sequence
 from tfreward.rewards import detection
@@ -55,8 +53,6 @@ class Pix2Seq(TaskModel):
     self.reward_config = dict(nms_w=o.nms_w, cls_smooth=o.cls_smooth, reward_thr=tuple(o.reward_thr),
                               correct_thr=o.correct_thr, cls_counts=tuple(int(c) for c in counts),
                               legacy_threshold_keys=o.legacy_threshold_keys, **self.layout)
-    names = reward.statistic_names(o.reward_thr) if o.mode == "reward" else ()
-    self.stat_trackers = {n: keras.metrics.Mean(name=n) for n in names}
     # === Layers ===
     blocks = dict(dim=o.dim, num_layers=o.encoder_layers, num_heads=o.num_heads, mlp_ratio=o.mlp_ratio)
     if o.encoder == "cnn":
@@ -131,21 +127,9 @@ class Pix2Seq(TaskModel):
   # === Statistics ===
 
   @property
-  def metrics(self):
-    return super().metrics + list(self.stat_trackers.values())
-
-  def _log(self, total, terms):
-    for name, tracker in self.stat_trackers.items():
-      tracker.update_state(distributed.global_sum(tf.cast(terms[name], tf.float32)))
-    return super()._log(total, terms)
-
-  def reward_statistics(self):
-    """Running epoch means of the reward statistics (reward mode; empty in "mle" mode): dict name -> float."""
-    if not self.stat_trackers:
-      return {}
-    stats = {"reward": float(self._trackers["reward"].result())}
-    stats.update({name: float(t.result()) for name, t in self.stat_trackers.items()})
-    return stats
+  def statistic_names(self):
+    """Reward mode: the statistics `reward_statistics()` reports besides `reward` (none in "mle" mode)."""
+    return reward.statistic_names(self.options.reward_thr) if self.options.mode == "reward" else ()
 
   def recipe_callbacks(self):
     """Reward mode: `RewardStatsCallback` (by name), which logs `reward_statistics()`."""
