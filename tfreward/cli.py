@@ -4,6 +4,7 @@
   tfreward evaluate --model-dir DIR [--set key=value ...] [--saved-model [EXPORT_DIR]]
   tfreward export --model-dir DIR [--export-dir DIR]
   tfreward curves MODEL_DIR... [--label NAME ...] [--metric NAME ...] [--out PNG]
+  tfreward compare MODEL_DIR... [--label NAME ...] [--num-images N] [--out PNG]   (segmentation runs)
   tfreward data preview [--dataset NAME] [--split SPLIT] [--out PNG] [--data-dir DIR]
   tfreward data build [--dataset NAME] [--data-dir DIR]
 
@@ -46,6 +47,12 @@ def _parser():
   curves.add_argument("--metric", dest="metrics", action="append", default=None,
                       help="validation metric to show (repeatable; default: mAP and mAP50)")
   curves.add_argument("--out", default=None, help="PNG path for the plot")
+
+  compare = sub.add_parser("compare", help="segmentation runs' predictions side by side on validation images (PNG)")
+  compare.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
+  compare.add_argument("--label", dest="labels", action="append", default=None, help="one per run (repeatable)")
+  compare.add_argument("--num-images", type=int, default=8)
+  compare.add_argument("--out", default="compare.png")
 
   data = sub.add_parser("data", help="build or look at a dataset")
   data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -124,6 +131,10 @@ def _run(args):
                               out=args.out))
     if args.out:
       print("plot written to", args.out)
+  elif args.command == "compare":
+    from tfreward.training.compare import write_segmentation_comparison
+    print("comparison written to", write_segmentation_comparison(args.out, args.model_dirs, args.labels,
+                                                                 num_images=args.num_images))
   elif args.command == "data":
     from tfreward.data import shapes
     if args.data_command == "build":

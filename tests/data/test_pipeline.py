@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfreward.data import decoders
 from tfreward.data import pipeline
 from tfreward.data import shapes
 from tfreward.data import transforms
@@ -84,6 +85,29 @@ def test_eval_segmentation_mask_and_padding(data_dir):
   assert mask.shape == (12, *SIZE) and mask.dtype == np.int32
   assert np.all(mask[:, :, 96:] == 255) and np.all(mask[10:] == 255)
   assert set(np.unique(mask[:10, :, :96])) <= set(range(7)) and (mask[:10, :, :96] > 0).any()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_mask_values_outside_the_classes_fail_clearly(data_dir, monkeypatch, training):
+  decode = decoders.decode_example
+
+  def corrupt(spec, example, *, features):  # one pixel of class 7 in a 7-class (0..6) dataset
+    decoded = decode(spec, example, features=features)
+    decoded["mask"] = tf.tensor_scatter_nd_update(decoded["mask"], [[3, 4]], [7])
+    return decoded
+
+  monkeypatch.setattr(decoders, "decode_example", corrupt)
+  ds = _build(data_dir, training=training, task="segmentation")
+  with pytest.raises(tf.errors.InvalidArgumentError, match=r"outside the classes \[0, 7\) and the ignore index 255"):
+    next(iter(ds))
+
+
+def test_check_mask_values_keeps_classes_and_the_ignore_index():
+  mask = tf.constant([[0, 6, 255]], tf.int32)
+  np.testing.assert_array_equal(pipeline.check_mask_values(mask, 7, 255, "x"), mask)
+  for bad in (-1, 7, 254):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="first bad value"):
+      pipeline.check_mask_values(tf.constant([[0, bad]]), 7, 255, "x")
 
 
 def test_max_examples(data_dir):

@@ -104,6 +104,20 @@ def _load_builder(spec, data_dir, manual_dir):
   return builder
 
 
+def check_mask_values(mask, num_classes, ignore_index, dataset):
+  """`mask` int [H, W] unchanged, after checking every value is a class in [0, num_classes) or `ignore_index`;
+  otherwise iterating the dataset fails with InvalidArgumentError naming the first bad value (never a silent
+  clamp: a bad label would otherwise train as "ignore" or as the wrong class)."""
+  mask = tf.convert_to_tensor(mask)
+  bad = (mask < 0) | ((mask >= num_classes) & (mask != ignore_index))
+  check = tf.debugging.Assert(
+      tf.logical_not(tf.reduce_any(bad)),
+      [f"{dataset}: a segmentation mask holds a value outside the classes [0, {num_classes}) and the ignore index "
+       f"{ignore_index}; first bad value:", tf.reduce_max(tf.where(bad, mask, tf.reduce_min(mask)))])
+  with tf.control_dependencies([check]):
+    return tf.identity(mask)
+
+
 def read_examples(builder, spec, split):
   """Every TFDS example of `split` once, in file order, images still encoded (`decoders.decode_example` decodes)."""
   return _read(builder, spec, split, shuffle_files=False, seed=None)
@@ -252,7 +266,11 @@ def build_dataset(*, dataset, task, split, training, image_size, global_batch_si
     examples = examples.take(max_examples)
 
   def decode(example):
-    return decoders.decode_example(spec, example, features=builder.info.features)
+    decoded = decoders.decode_example(spec, example, features=builder.info.features)
+    if task == "segmentation":
+      decoded["mask"] = check_mask_values(decoded["mask"], spec.num_segmentation_classes, spec.ignore_index,
+                                          spec.name)
+    return decoded
 
   if training:
     if pipelines > 1:

@@ -149,3 +149,46 @@ def write_preview(path, *, name=shapes.NAME, split="train", data_dir=None, num_i
   grid = render_grid(examples, class_names=class_names, columns=columns, title=title)
   grid.save(path, format="PNG", compress_level=1)  # Fast; the noisy images barely compress anyway.
   return path
+
+
+def render_label_maps(images, label_maps, *, class_names, title=""):
+  """One row per image: the image, then one panel per named label map (e.g. ground truth, model A, model B).
+
+  Args:
+    images: [N, S, S, 3] uint8.
+    label_maps: dict column name -> [N, S, S] int label maps (0 is drawn in the background colour, value k in
+      `class_colour(k - 1)`, the `tfreward_shapes` mask convention; 255 = ignore in that of label 254).
+    class_names: names of the labels 1, 2, ... for the legend.
+    title: str drawn in the header.
+
+  Returns:
+    An RGB `PIL.Image.Image`.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or not label_maps:
+    raise ValueError(f"need images [N, S, S, 3] and at least one label map, got {images.shape} and "
+                     f"{list(label_maps)}.")
+  size = images.shape[1]
+  factor = max(1, 256 // size)
+  panel = size * factor
+  columns = 1 + len(label_maps)
+  width = columns * panel + (columns + 1) * PAD
+  height = HEADER + CAPTION + len(images) * (panel + PAD) + PAD
+  canvas = Image.new("RGB", (width, height), BACKGROUND)
+  draw = ImageDraw.Draw(canvas)
+  font = _font(12)
+  draw.text((PAD, 7), title, fill=(255, 255, 255), font=font)
+  x = PAD + int(draw.textlength(title, font=font)) + 3 * PAD
+  for label, name in enumerate(class_names):
+    draw.rectangle([x, 8, x + 11, 19], fill=class_colour(label))
+    draw.text((x + 16, 7), name, fill=(255, 255, 255), font=font)
+    x += 16 + int(draw.textlength(name, font=font)) + 2 * PAD
+  for column, name in enumerate(("image",) + tuple(label_maps)):
+    draw.text((PAD + column * (panel + PAD), HEADER + 1), name, fill=(200, 200, 200), font=font)
+  for row, image in enumerate(images):
+    top = HEADER + CAPTION + row * (panel + PAD)
+    canvas.paste(Image.fromarray(image).resize((panel, panel), Image.NEAREST), (PAD, top))
+    for column, maps in enumerate(label_maps.values(), start=1):
+      mask = np.clip(np.asarray(maps[row]), 0, 255).astype(np.uint8)
+      canvas.paste(_mask_panel(mask, [], factor), (PAD + column * (panel + PAD), top))
+  return canvas

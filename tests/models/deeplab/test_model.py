@@ -148,3 +148,39 @@ def test_fit_lowers_the_loss_then_predict_equals_segment():
   assert history["loss"][-1] < 0.9 * history["loss"][0], history["loss"]
   predicted = model.predict(images, batch_size=4, verbose=0)
   np.testing.assert_array_equal(predicted["labels"], model.segment(tf.constant(images))["labels"])
+
+
+SERVE_LABELS = r"""
+import json, sys
+for blocked in ("keras", "tf_keras", "tfreward"):
+  sys.modules[blocked] = None  # TensorFlow only
+import tensorflow as tf
+export_dir, paths = sys.argv[1], sys.argv[2:]
+serve = tf.saved_model.load(export_dir).signatures["serving_default"]
+out = serve(encoded_images=tf.stack([tf.io.read_file(p) for p in paths]))
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+"""
+
+
+def test_export_serves_label_maps_at_the_original_size_from_tensorflow_alone(tmp_path):
+  import json
+  import subprocess
+  import sys
+  from tfreward.export import saved_model
+  model = _model()
+  images, _ = _batch(2)
+  same_size = images[0]  # a canvas-sized image: serving is the identity geometry, labels == segment()
+  tall = np.repeat(images[1][:, ::2], 3, axis=0)[:96]  # 96 x 32: resized by 2/3 onto the canvas, padded on the right
+  paths = []
+  for name, image in (("a", same_size), ("b", tall)):
+    paths.append(str(tmp_path / f"{name}.png"))
+    tf.io.write_file(paths[-1], tf.io.encode_png(image))
+  saved_model.export_saved_model(model, tmp_path / "export")
+  proc = subprocess.run([sys.executable, "-c", SERVE_LABELS, str(tmp_path / "export"), *paths],
+                        capture_output=True, text=True, timeout=300, check=True)
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  labels = np.array(out["labels"])
+  assert out["image_hw"] == [[64, 64], [96, 32]] and labels.shape == (2, 96, 64)
+  np.testing.assert_array_equal(labels[0, :64], model.segment(tf.constant(same_size[None]))["labels"][0])
+  assert (labels[0, 64:] == -1).all() and (labels[1, :, 32:] == -1).all()
+  assert set(np.unique(labels[1, :, :32])) <= set(range(NUM_CLASSES))

@@ -1,0 +1,64 @@
+"""The deeplab family through the command line on tfreward_shapes/test: CE training with frequency class weights,
+evaluation with the per-class table, export scored as served, reward tuning from the CE weights, the comparison
+picture."""
+
+import json
+import os
+
+import pytest
+import yaml
+from PIL import Image
+
+from tfreward import cli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  from tfreward.data import shapes
+  root = tmp_path_factory.mktemp("deeplab_cli")
+  data_dir = str(root / "tfds")
+  shapes.ensure_built("tfreward_shapes/test", data_dir)
+  raw = {
+      "model": {"family": "deeplab", "backbone": "resnet10", "backbone_width": 8, "output_stride": 16,
+                "aspp_channels": 16, "aspp_rates": [1, 2, 3], "class_weights": "frequency"},
+      "data": {"dataset": "tfreward_shapes/test", "task": "segmentation", "data_dir": data_dir,
+               "image_size": [64, 64], "global_batch_size": 4, "eval_batch_size": 5},
+      "train": {"epochs": 1, "steps_per_epoch": 2, "steps_per_execution": 2},
+      "runtime": {"strategy": "cpu"},
+  }
+  config = root / "ce.yaml"
+  config.write_text(yaml.safe_dump(raw))
+  ce_dir, reward_dir = str(root / "ce"), str(root / "reward")
+  assert cli.main(["train", str(config), "--model-dir", ce_dir, "--export"]) == 0
+  assert cli.main(["train", str(config), "--model-dir", reward_dir, "--set", "model.mode=reward",
+                   "--set", "model.num_samples=2", "--set", "model.ce_weight=1.0",
+                   "--set", f"train.init_checkpoint={ce_dir}/final.weights.h5"]) == 0
+  return root, ce_dir, reward_dir
+
+
+def test_evaluate_prints_miou_and_the_per_class_table(runs, capsys):
+  _, ce_dir, _ = runs
+  capsys.readouterr()
+  assert cli.main(["evaluate", "--model-dir", ce_dir]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  first = next(i for i, line in enumerate(lines) if line.startswith("evaluation: mIoU="))
+  assert lines[first + 1].split() == ["class", "IoU"]
+  names = ["background", "circle", "square", "triangle", "star", "ring", "cross"]
+  assert [line.split()[0] for line in lines[first + 2:]] == names
+  metrics = json.load(open(os.path.join(ce_dir, "metrics.json")))
+  assert set(metrics) == {"mIoU"} | {f"IoU/{n}" for n in names}
+  assert cli.main(["evaluate", "--model-dir", ce_dir, "--saved-model"]) == 0
+  served = capsys.readouterr().out.strip().splitlines()
+  assert served[-9:] == lines[first:]  # the same mIoU and per-class IoU as served
+
+
+def test_reward_run_logs_its_statistics_and_compare_draws_both(runs, capsys):
+  root, ce_dir, reward_dir = runs
+  saved = yaml.safe_load(open(os.path.join(reward_dir, "config.yaml")))
+  assert saved["model"]["options"]["mode"] == "reward"
+  assert os.listdir(os.path.join(reward_dir, "logs", "reward"))  # batch-level reward statistics
+  out = str(root / "compare.png")
+  assert cli.main(["compare", ce_dir, reward_dir, "--label", "CE", "--label", "reward", "--num-images", "2",
+                   "--out", out]) == 0
+  assert Image.open(out).size == (4 * 256 + 5 * 8, 28 + 16 + 2 * (256 + 8) + 8)  # image, truth, 2 runs
+  assert cli.main(["compare", ce_dir, reward_dir, "--label", "CE"]) == 2  # one label per run
