@@ -4,7 +4,7 @@
   tfreward evaluate --model-dir DIR [--set key=value ...] [--saved-model [EXPORT_DIR]]
   tfreward export --model-dir DIR [--export-dir DIR]
   tfreward curves MODEL_DIR... [--label NAME ...] [--metric NAME ...] [--out PNG]
-  tfreward compare MODEL_DIR... [--label NAME ...] [--num-images N] [--out PNG]   (segmentation runs)
+  tfreward compare MODEL_DIR... [--label NAME ...] [--num-images N] [--out PNG] [--table]   (segmentation runs)
   tfreward data preview [--dataset NAME] [--split SPLIT] [--out PNG] [--data-dir DIR]
   tfreward data build [--dataset NAME] [--data-dir DIR]
 
@@ -53,6 +53,8 @@ def _parser():
   compare.add_argument("--label", dest="labels", action="append", default=None, help="one per run (repeatable)")
   compare.add_argument("--num-images", type=int, default=8)
   compare.add_argument("--out", default="compare.png")
+  compare.add_argument("--table", action="store_true",
+                       help="also score every run over the validation split: per-class IoU, boundary vs interior")
 
   data = sub.add_parser("data", help="build or look at a dataset")
   data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -135,6 +137,9 @@ def _run(args):
     from tfreward.training.compare import write_segmentation_comparison
     print("comparison written to", write_segmentation_comparison(args.out, args.model_dirs, args.labels,
                                                                  num_images=args.num_images))
+    if args.table:
+      from tfreward.training.compare import segmentation_error_table
+      print(segmentation_error_table(args.model_dirs, args.labels))
   elif args.command == "data":
     from tfreward.data import shapes
     if args.data_command == "build":

@@ -1,25 +1,35 @@
-"""Predictions of trained segmentation runs side by side on the same validation images, as one PNG.
+"""Segmentation runs side by side on the same validation images: a picture and a table of where they differ.
 
-`write_segmentation_comparison(path, model_dirs, labels)`: the first `num_images` validation images of the first
-run's dataset, their ground truth, then each run's `segment` output (`tfreward compare ...` on the command line).
+`write_segmentation_comparison(path, model_dirs, labels)` draws the first `num_images` validation images of the
+first run's dataset, their ground truth, then each run's `segment` output (`tfreward compare ...`).
+`segmentation_error_table(model_dirs, labels)` scores each run over the whole validation split: mIoU, the IoU of every
+class, and pixel accuracy on the ground truth's boundary band (labelled pixels within `band` pixels of a pixel of
+another label) against the interior (the other labelled pixels); a Markdown table, one row per run.
 """
 
 import numpy as np
+import tensorflow as tf
 
 from tfreward.config import load_config
 from tfreward.data import preview
 from tfreward.errors import UserError
+from tfreward.training import metrics as metrics_lib
 from tfreward.training import trainer
 
 
-def write_segmentation_comparison(path, model_dirs, labels=None, *, num_images=8):
-  """Writes the PNG; returns `path`. labels: one column name per run (default: the directories)."""
+def _runs(model_dirs, labels):
   labels = list(labels) if labels else list(model_dirs)
   if len(labels) != len(model_dirs):
     raise UserError(f"give one --label per run: {len(labels)} labels for {len(model_dirs)} runs.")
   configs = [load_config(trainer.saved_config_dict(d)) for d in model_dirs]
   if any(c.data.task != "segmentation" for c in configs):
-    raise UserError("compare draws segmentation runs; a run here has data.task=detection.")
+    raise UserError("compare reads segmentation runs; a run here has data.task=detection.")
+  return labels, configs
+
+
+def write_segmentation_comparison(path, model_dirs, labels=None, *, num_images=8):
+  """Writes the PNG; returns `path`. labels: one column name per run (default: the directories)."""
+  labels, configs = _runs(model_dirs, labels)
   config = configs[0]
   batch = next(iter(trainer.eval_dataset(config)))
   images, masks = batch[0].numpy()[:num_images], batch[1]["mask"].numpy()[:num_images]
@@ -33,3 +43,41 @@ def write_segmentation_comparison(path, model_dirs, labels=None, *, num_images=8
                                    title=f"{config.data.dataset} {config.data.eval_split}")
   grid.save(path, format="PNG")
   return path
+
+
+def boundary_band(mask, band, ignore_index=255):
+  """[B, H, W] int labels -> [B, H, W] bool: labelled pixels within `band` pixels (Chebyshev) of another label."""
+  mask = tf.convert_to_tensor(mask)
+  window = 2 * band + 1
+  as_float = tf.cast(mask, tf.float32)[..., None]
+  high = tf.nn.max_pool2d(as_float, window, 1, "SAME")[..., 0]
+  low = -tf.nn.max_pool2d(-as_float, window, 1, "SAME")[..., 0]
+  return ((high != low) & (mask != ignore_index)).numpy()
+
+
+def segmentation_error_table(model_dirs, labels=None, *, band=2):
+  """Markdown table of mIoU, per-class IoU and boundary-band / interior pixel accuracy of each run."""
+  labels, configs = _runs(model_dirs, labels)
+  names = trainer.dataset_spec(configs[0]).segmentation_class_names
+  header = ["run", "mIoU"] + list(names) + [f"acc. boundary ({band} px)", "acc. interior"]
+  rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for label, config, model_dir in zip(labels, configs, model_dirs):
+    model = trainer.load_trained_model(config, model_dir)
+    segment = tf.function(model.segment, jit_compile=True)
+    metric = metrics_lib.StreamingMeanIoU(len(names), accumulator_dtype="float64")
+    correct, count = np.zeros(2), np.zeros(2)
+    for images, batch_labels in trainer.eval_dataset(config):
+      mask = batch_labels["mask"].numpy()
+      mask[~batch_labels["example_valid"].numpy()] = 255
+      predicted = segment(images)["labels"].numpy()
+      metric.update_state(mask, predicted)
+      edge = boundary_band(mask, band)
+      inner = (mask != 255) & ~edge
+      for i, region in enumerate((edge, inner)):
+        correct[i] += (predicted[region] == mask[region]).sum()
+        count[i] += region.sum()
+    iou = metric.per_class_iou().numpy()
+    cells = [label, f"{float(metric.result()):.4f}"] + [f"{v:.3f}" for v in iou] + [
+        f"{c / max(n, 1):.4f}" for c, n in zip(correct, count)]
+    rows.append("| " + " | ".join(cells) + " |")
+  return "\n".join(rows)

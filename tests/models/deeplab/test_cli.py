@@ -5,6 +5,7 @@ picture."""
 import json
 import os
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -58,7 +59,25 @@ def test_reward_run_logs_its_statistics_and_compare_draws_both(runs, capsys):
   assert saved["model"]["options"]["mode"] == "reward"
   assert os.listdir(os.path.join(reward_dir, "logs", "reward"))  # batch-level reward statistics
   out = str(root / "compare.png")
+  capsys.readouterr()
   assert cli.main(["compare", ce_dir, reward_dir, "--label", "CE", "--label", "reward", "--num-images", "2",
-                   "--out", out]) == 0
+                   "--out", out, "--table"]) == 0
+  table = capsys.readouterr().out.strip().splitlines()[-4:]
+  assert table[0].split(" | ")[:3] == ["| run", "mIoU", "background"] and len(table[0].split(" | ")) == 11
+  assert table[2].startswith("| CE | ") and table[3].startswith("| reward | ")
   assert Image.open(out).size == (4 * 256 + 5 * 8, 28 + 16 + 2 * (256 + 8) + 8)  # image, truth, 2 runs
   assert cli.main(["compare", ce_dir, reward_dir, "--label", "CE"]) == 2  # one label per run
+
+
+def test_boundary_band():
+  from tfreward.training.compare import boundary_band
+  mask = np.zeros([1, 8, 8], np.int32)
+  mask[0, 2:6, 2:6] = 3
+  mask[0, 0, 0] = 255
+  band = boundary_band(mask, 1)[0]
+  expected = np.zeros([8, 8], bool)
+  expected[1:7, 1:7] = True
+  expected[3:5, 3:5] = False  # the square's interior, 2 px from the background
+  expected[0, 0] = False  # ignored
+  expected[0, 1] = expected[1, 0] = True  # next to the ignored pixel (255 is another value)
+  np.testing.assert_array_equal(band, expected)
