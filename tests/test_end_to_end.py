@@ -75,10 +75,13 @@ def test_cli_train_evaluate_export_serve(tmp_path, data_dir, capsys):
   # The exported graph, evaluated as served on the evaluation split, scores what the trained weights score.
   capsys.readouterr()
   assert cli.main(["evaluate", "--model-dir", model_dir, "--saved-model"]) == 0
-  line = capsys.readouterr().out.strip().splitlines()[-1]
+  lines = capsys.readouterr().out.strip().splitlines()
+  line = next(line for line in lines if line.startswith("evaluation: "))
   served_metrics = dict(item.split("=") for item in line.removeprefix("evaluation: ").split(", "))
   for key in ("mAP", "mAP50", "AR100"):
     np.testing.assert_allclose(float(served_metrics[key]), metrics[key], atol=2e-4, err_msg=key)
+  # Then the per-class AP table: a header and one row per class of the dataset.
+  assert lines[-7].split() == ["class", "AP"] and len(lines) - lines.index(line) == 8
   config = load_config(trainer.saved_config_dict(model_dir))
   images, _ = next(iter(trainer.eval_dataset(config)))
   direct = trainer.load_trained_model(config, model_dir).detect(images)
