@@ -74,6 +74,20 @@ def _mask_panel(mask, boxes, factor):
   return panel
 
 
+def _canvas(width, height, title, class_names):
+  """A blank canvas with the header strip (title, then each class's colour and name): (image, draw, font)."""
+  canvas = Image.new("RGB", (width, height), BACKGROUND)
+  draw = ImageDraw.Draw(canvas)
+  font = _font(12)
+  draw.text((PAD, 7), title, fill=(255, 255, 255), font=font)
+  x = PAD + int(draw.textlength(title, font=font)) + 3 * PAD
+  for label, name in enumerate(class_names):
+    draw.rectangle([x, 8, x + 11, 19], fill=class_colour(label))
+    draw.text((x + 16, 7), name, fill=(255, 255, 255), font=font)
+    x += 16 + int(draw.textlength(name, font=font)) + 2 * PAD
+  return canvas, draw, font
+
+
 def render_grid(examples, *, class_names, columns=4, title=""):
   """Draws the preview grid.
 
@@ -98,15 +112,7 @@ def render_grid(examples, *, class_names, columns=4, title=""):
   rows = math.ceil(len(examples) / columns)
   width = columns * (2 * panel + PAD) + (columns + 1) * PAD
   height = HEADER + rows * (CAPTION + panel) + (rows + 1) * PAD
-  canvas = Image.new("RGB", (width, height), BACKGROUND)
-  draw = ImageDraw.Draw(canvas)
-  font = _font(12)
-  draw.text((PAD, 7), title, fill=(255, 255, 255), font=font)
-  x = PAD + int(draw.textlength(title, font=font)) + 3 * PAD
-  for label, name in enumerate(class_names):
-    draw.rectangle([x, 8, x + 11, 19], fill=class_colour(label))
-    draw.text((x + 16, 7), name, fill=(255, 255, 255), font=font)
-    x += 16 + int(draw.textlength(name, font=font)) + 2 * PAD
+  canvas, draw, font = _canvas(width, height, title, class_names)
   for index, example in enumerate(examples):
     row, column = divmod(index, columns)
     left = PAD + column * (2 * panel + 2 * PAD)
@@ -174,15 +180,7 @@ def render_label_maps(images, label_maps, *, class_names, title=""):
   columns = 1 + len(label_maps)
   width = columns * panel + (columns + 1) * PAD
   height = HEADER + CAPTION + len(images) * (panel + PAD) + PAD
-  canvas = Image.new("RGB", (width, height), BACKGROUND)
-  draw = ImageDraw.Draw(canvas)
-  font = _font(12)
-  draw.text((PAD, 7), title, fill=(255, 255, 255), font=font)
-  x = PAD + int(draw.textlength(title, font=font)) + 3 * PAD
-  for label, name in enumerate(class_names):
-    draw.rectangle([x, 8, x + 11, 19], fill=class_colour(label))
-    draw.text((x + 16, 7), name, fill=(255, 255, 255), font=font)
-    x += 16 + int(draw.textlength(name, font=font)) + 2 * PAD
+  canvas, draw, font = _canvas(width, height, title, class_names)
   for column, name in enumerate(("image",) + tuple(label_maps)):
     draw.text((PAD + column * (panel + PAD), HEADER + 1), name, fill=(200, 200, 200), font=font)
   for row, image in enumerate(images):

@@ -56,16 +56,17 @@ def per_image_iou(pred_labels, gt_labels, *, num_classes, ignore_index=255):
   return {"area_intersect": intersect, "area_union": union, "class_iou": class_iou, "miou": miou}
 
 
-def weighted_ce_rewards(miou, *, baseline_weight=0.1, reward_sum=None, num_images=None):
+def weighted_ce_rewards(miou, *, baseline_weight=0.1, batch_sum=None):
   """The seed's per-image reward and its leave-one-out baseline over the batch.
 
   Args:
-    miou: [B] float per-image mIoU (NaN where undefined). Without `reward_sum`, B >= 2 (the baseline needs another
+    miou: [B] float per-image mIoU (NaN where undefined). Without `batch_sum`, B >= 2 (the baseline needs another
       image).
     baseline_weight: float. Weight of the other images' mean reward. Defaults to 0.1.
-    reward_sum, num_images: optional float scalars: the sum of R and the number of images over a larger batch this
-      one is part of (e.g. the global batch of every replica, `tfreward.ops.distributed.global_sum`). Defaults to
-      this batch's. With them, a batch of one image in all has no other images: its baseline is 0 (r = R).
+    batch_sum: optional function summing a float scalar over a larger batch this one is part of (e.g.
+      `tfreward.ops.distributed.global_sum`: the global batch of every replica); it sums this batch's R and its
+      number of images. Defaults to None (this batch alone). With it, a batch of one image in all has no other
+      images: its baseline is 0 (r = R).
 
   Returns:
     dict of float32 `R` [B] = 1 - miou (0.5 where miou is NaN) and `r` [B] = R - baseline_weight * (sum of the other
@@ -74,13 +75,12 @@ def weighted_ce_rewards(miou, *, baseline_weight=0.1, reward_sum=None, num_image
   miou = tf.cast(tf.convert_to_tensor(miou), tf.float32)
   if miou.shape.rank != 1:
     raise ValueError(f"miou must be a [B] vector, got shape {miou.shape}.")
-  if (reward_sum is None) != (num_images is None):
-    raise ValueError("pass both reward_sum and num_images, or neither.")
-  if reward_sum is None and miou.shape[0] is not None and miou.shape[0] < 2:
+  if batch_sum is None and miou.shape[0] is not None and miou.shape[0] < 2:
     raise ValueError(f"weighted_ce_rewards needs at least 2 images for its leave-one-out baseline, got "
                      f"{miou.shape[0]}.")
+  batch_sum = batch_sum or (lambda value: value)
   reward = tf.where(tf.math.is_nan(miou), 0.5, 1.0 - miou)
-  if reward_sum is None:
-    reward_sum, num_images = tf.reduce_sum(reward), tf.cast(tf.shape(reward)[0], tf.float32)
-  others = (tf.cast(reward_sum, tf.float32) - reward) / tf.maximum(tf.cast(num_images, tf.float32) - 1.0, 1.0)
+  reward_sum = batch_sum(tf.reduce_sum(reward))
+  num_images = batch_sum(tf.cast(tf.shape(reward)[0], tf.float32))
+  others = (reward_sum - reward) / tf.maximum(num_images - 1.0, 1.0)
   return {"R": reward, "r": reward - float(baseline_weight) * others}

@@ -94,8 +94,9 @@ def test_weighted_ce_terms_match_numpy(batch):
   mask = rng.integers(0, 3, (batch, 8, 8)).astype(np.int32)
   mask[0, :2] = 255
   weights = np.array([0.5, 1.0, 1.5], np.float32)
-  terms = reward.weighted_ce_terms(tf.constant(logits), mask, num_classes=3, baseline_weight=0.1,
-                                   class_weights=weights)
+  pixel_ce, keep_pixels = reward.pixel_cross_entropy(tf.constant(logits), mask, 3, weights)
+  terms = reward.weighted_ce_terms(tf.constant(logits), mask, pixel_ce, tf.reduce_sum(keep_pixels), num_classes=3,
+                                   baseline_weight=0.1)
   miou = np.array([_miou(logits[b].argmax(-1), mask[b], 3) for b in range(batch)])
   big_r = 1 - miou
   # One image: no other images, baseline 0 (the documented fallback), so r = R.

@@ -152,8 +152,8 @@ class DeepLab(TaskModel):
                                           seeds=self._image_seeds(batch_size), num_samples=o.num_samples,
                                           temperature=o.temperature))
     elif o.mode == "reward":
-      terms.update(reward.weighted_ce_terms(logits, mask, num_classes=self.num_classes,
-                                            baseline_weight=o.baseline_weight, class_weights=self.class_weights))
+      terms.update(reward.weighted_ce_terms(logits, mask, weighted, num_pixels, num_classes=self.num_classes,
+                                            baseline_weight=o.baseline_weight))
     return terms
 
   def segment(self, images):

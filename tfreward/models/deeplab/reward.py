@@ -99,33 +99,32 @@ def reinforce_terms(logits, mask, *, num_classes, seeds, num_samples, temperatur
       tf.reduce_sum(keep, axis=[2, 3]), 1.0)  # [B, N]
   num_maps = distributed.global_sum(tf.cast(tf.size(advantage), tf.float32))
   greedy = per_image_iou(tf.argmax(logits, axis=-1, output_type=tf.int32), mask, num_classes=num_classes)["miou"]
+  miou_samples = _global_mean_share(reward, defined)
   return {
       "loss_reward": -tf.reduce_sum(advantage * mean_log_prob) / num_maps,
-      "reward": _global_mean_share(reward, defined),
+      "reward": miou_samples,
       "advantage_std": _global_rms_share(advantage, defined),
-      "miou_samples": _global_mean_share(reward, defined),
+      "miou_samples": miou_samples,
       "miou_greedy": _global_mean_share(greedy, ~tf.math.is_nan(greedy)),
   }
 
 
-def weighted_ce_terms(logits, mask, *, num_classes, baseline_weight, class_weights=None):
-  """The seed's reward-weighted cross-entropy: loss and statistics."""
+def weighted_ce_terms(logits, mask, pixel_ce, num_pixels, *, num_classes, baseline_weight):
+  """The seed's reward-weighted cross-entropy: loss and statistics.
+
+  pixel_ce [B, H, W] and num_pixels: `pixel_cross_entropy`'s (class-weighted) per-pixel terms and the global batch's
+  number of kept pixels, as the cross-entropy computes them.
+  """
   greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
   miou = per_image_iou(greedy, tf.cast(mask, tf.int32), num_classes=num_classes)["miou"]  # [B]
-  batch = tf.cast(tf.shape(miou)[0], tf.float32)
-  reward = tf.where(tf.math.is_nan(miou), 0.5, 1.0 - miou)
-  rewards = weighted_ce_rewards(miou, baseline_weight=baseline_weight,
-                                reward_sum=distributed.global_sum(tf.reduce_sum(reward)),
-                                num_images=distributed.global_sum(batch))
-  weighted, keep = pixel_cross_entropy(logits, mask, num_classes, class_weights)
-  num_pixels = tf.maximum(distributed.global_sum(tf.reduce_sum(keep)), 1.0)
-  per_image = tf.reduce_sum(weighted, axis=[1, 2])  # [B]
-  r = tf.stop_gradient(rewards["r"])
+  r = tf.stop_gradient(weighted_ce_rewards(miou, baseline_weight=baseline_weight,
+                                           batch_sum=distributed.global_sum)["r"])
+  per_image = tf.reduce_sum(pixel_ce, axis=[1, 2])  # [B]
   every = tf.ones_like(r, tf.bool)
-  mean_r = distributed.global_sum(_global_mean_share(r, every))
+  mean_r = _global_mean_share(r, every)
   return {
       "loss_reward": tf.reduce_sum(r * per_image) / num_pixels,
-      "reward": _global_mean_share(r, every),
-      "advantage_std": _global_rms_share(r - mean_r, every),
+      "reward": mean_r,
+      "advantage_std": _global_rms_share(r - distributed.global_sum(mean_r), every),
       "miou_greedy": _global_mean_share(miou, ~tf.math.is_nan(miou)),
   }
