@@ -178,13 +178,17 @@ def test_two_replicas_equal_one_replica(two_replica_strategy):
 
 
 @pytest.mark.slow  # 90 s on the shared 2-core CPU: traces the step for each replica
-def test_two_replicas_equal_one_replica_float32_shared_check(two_replica_strategy):
-  """The family check of `tfreward.testing` in float32. There the ~75 layers amplify the rounding differences of
-  batch-size-dependent kernels and of BN's E[x^2] - E[x]^2 over two partial sums: loss terms agree to ~5e-6,
-  gradients to ~1e-4 of the largest gradient, hence rtol 1e-3."""
-  single, mirrored = _two_models(two_replica_strategy, "float32")
+def test_two_replicas_equal_one_replica_shared_check(two_replica_strategy):
+  """The family check of `tfreward.testing` (compiled step per replica), in float64 layers.
+
+  Not float32: at initialisation SimOTA's costs are near-ties (every prediction sits at the prior), so the assignment
+  hangs on the last bit. Measured on this batch: scaling the weights by 1 + 1e-9 noise moves the float32 total from
+  16.16 to 10.09, and a CPU with other vector units (CI's) computed 14.62 on two replicas against 15.53 on one. In
+  float64 the float32 loss inputs round identically on both sides; the eager float64 test above shows ~1e-9.
+  """
+  single, mirrored = _two_models(two_replica_strategy, "float64")
   images, labels = _batch(4, seed=1)
-  assert_replicas_match_single(single, mirrored, two_replica_strategy, images, labels, rtol=1e-3)
+  assert_replicas_match_single(single, mirrored, two_replica_strategy, images, labels, rtol=1e-5)
 
 
 def test_mixed_bfloat16_step():
