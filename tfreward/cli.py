@@ -1,6 +1,7 @@
 """Command line: `tfreward train|evaluate|export|data ...`.
 
-  tfreward train CONFIG.yaml [--set key=value ...] [--model-dir DIR]
+  tfreward train CONFIG.yaml [--set key=value ...] [--model-dir DIR] [--workers HOST:PORT,... --worker-index I]
+                [--dry-run]
   tfreward evaluate --model-dir DIR [--set key=value ...] [--saved-model [EXPORT_DIR]]
   tfreward export --model-dir DIR [--export-dir DIR]
   tfreward curves MODEL_DIR... [--label NAME ...] [--metric NAME ...] [--out PNG]
@@ -12,6 +13,7 @@ Errors a user can fix (a bad config key, a missing dataset) print one line and e
 """
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -29,6 +31,13 @@ def _parser():
                      "(default: runs/<config name>)")
   train.add_argument("--no-eval", action="store_true", help="skip evaluation during training")
   train.add_argument("--export", action="store_true", help="export a SavedModel after training")
+  train.add_argument("--workers", default=None, metavar="HOST:PORT,HOST:PORT",
+                     help="train on several worker processes (runtime.strategy multi_worker): every worker's "
+                     "address, the same list on each; or set TF_CONFIG")
+  train.add_argument("--worker-index", type=int, default=None, metavar="I",
+                     help="this process's index in --workers (0 is the chief, which writes the model directory)")
+  train.add_argument("--dry-run", action="store_true",
+                     help="print the strategy, replicas, batch sizes and input pipelines, then exit")
 
   evaluate = sub.add_parser("evaluate", help="evaluate a trained model on the evaluation split")
   evaluate.add_argument("--model-dir", required=True)
@@ -102,19 +111,47 @@ def _print_metrics(results):
       print(f"  {key.split('/', 1)[1].ljust(width)}  {value:.4f}")
 
 
+def _set_cluster(args):
+  """--workers / --worker-index -> TF_CONFIG and runtime.strategy multi_worker."""
+  if args.workers is None and args.worker_index is None:
+    return
+  from tfreward.config import ConfigError
+  if args.workers is None or args.worker_index is None:
+    raise ConfigError("--workers and --worker-index go together: every worker gets the same --workers list and its "
+                      "own --worker-index.")
+  from tfreward.strategy import tf_config_for_workers
+  os.environ["TF_CONFIG"] = json.dumps(tf_config_for_workers(args.workers, args.worker_index))
+  args.overrides.append("runtime.strategy=multi_worker")
+
+
+def _train(args):
+  from tfreward.config import load_config
+  _set_cluster(args)
+  config = load_config(args.config, args.overrides)
+  if args.dry_run:
+    from tfreward.training import dry_run
+    print("\n".join(dry_run.describe(config)))
+    return
+  from tfreward.training import trainer
+  name = os.path.splitext(os.path.basename(args.config))[0]
+  model_dir = args.model_dir or os.path.join("runs", name)
+  result = trainer.train(config, model_dir, evaluate=not args.no_eval)
+  if result.metrics:
+    print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+  if config.runtime.strategy == "multi_worker":
+    print("final weights sha256:", result.weights_sha256)
+  if not result.is_chief:
+    print("worker done; the chief writes the model directory")
+    return
+  if args.export:
+    print("exported to", _export(config, model_dir))
+  print("model directory:", model_dir)
+
+
 def _run(args):
   from tfreward.config import load_config
   if args.command == "train":
-    from tfreward.training import trainer
-    config = load_config(args.config, args.overrides)
-    name = os.path.splitext(os.path.basename(args.config))[0]
-    model_dir = args.model_dir or os.path.join("runs", name)
-    result = trainer.train(config, model_dir, evaluate=not args.no_eval)
-    if result.metrics:
-      print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
-    if args.export:
-      print("exported to", _export(config, model_dir))
-    print("model directory:", model_dir)
+    _train(args)
   elif args.command == "evaluate":
     from tfreward.training import trainer
     config = load_config(trainer.saved_config_dict(args.model_dir), args.overrides)

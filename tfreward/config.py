@@ -5,7 +5,7 @@ A config file has four sections, each optional except `model.family`:
   model:    family name (see `tfreward.registry`) plus that family's own typed options
   data:     dataset, task, image size, batch sizes, augmentation
   train:    steps, optimizer, schedule, precision, checkpoints
-  runtime:  strategy ("auto", "tpu", "gpu", "cpu"), tpu address, seed
+  runtime:  strategy ("auto", "tpu", "gpu", "cpu", "multi_worker"), all-reduce, tpu address, seed
 
 Overrides use dotted keys: `--set train.optimizer.learning_rate=0.01`.
 """
@@ -21,7 +21,9 @@ from tfreward.errors import ConfigError  # noqa: F401  (re-exported: the config 
 
 # The choice lists of the config, each spelled here once (the strategy resolver and the pipelines import them).
 TASKS = ("detection", "segmentation")
-STRATEGY_NAMES = ("auto", "tpu", "gpu", "cpu")
+STRATEGY_NAMES = ("auto", "tpu", "gpu", "cpu", "multi_worker")
+COMMUNICATIONS = ("auto", "ring", "nccl")  # multi_worker all-reduce
+INPUT_SHARDINGS = ("auto", "file", "example")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -47,6 +49,11 @@ class DataConfig:
   eval_batch_size: int = 32
   shuffle_buffer: int = 1000
   max_eval_examples: Optional[int] = None
+  # Training input across hosts: "file" gives each input pipeline its own TFRecord files (no host reads another's
+  # data; the stream depends on the number of hosts), "example" has every pipeline read the one global stream and
+  # keep its rows of each global batch (N hosts train on exactly the batches of one), "auto" = "file" when the split
+  # has at least one file per pipeline. One pipeline (one host) reads the global stream either way.
+  input_sharding: str = "auto"
   augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
@@ -82,6 +89,7 @@ class TrainConfig:
 @dataclasses.dataclass
 class RuntimeConfig:
   strategy: str = "auto"
+  communication: str = "auto"  # multi_worker all-reduce: "auto", "ring" (gRPC) or "nccl" (GPUs)
   tpu_address: Optional[str] = None
   seed: int = 0
 
@@ -242,6 +250,8 @@ def validate(config):
   _check_choice("train.optimizer.name", t.optimizer.name, OPTIMIZERS)
   _check_choice("train.optimizer.schedule", t.optimizer.schedule, SCHEDULES)
   _check_choice("runtime.strategy", config.runtime.strategy, STRATEGY_NAMES)
+  _check_choice("runtime.communication", config.runtime.communication, COMMUNICATIONS)
+  _check_choice("data.input_sharding", d.input_sharding, INPUT_SHARDINGS)
   return config
 
 

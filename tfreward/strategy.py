@@ -4,14 +4,21 @@
        `TPUStrategy`. A clear error when no TPU is reachable.
   gpu: `MirroredStrategy` over every visible GPU.
   cpu: the default strategy (one replica).
+  multi_worker: `MultiWorkerMirroredStrategy` over the processes that `TF_CONFIG` names (every GPU, or the CPU, of
+       each), collective all-reduce by `communication` ("auto", "ring" or "nccl"). A clear error without a cluster.
   auto: tpu if one is reachable, else gpu if any, else cpu.
 """
 
+import json
 import logging
+import os
+import re
 
 import tensorflow as tf
 
-from tfreward.config import STRATEGY_NAMES
+from tfreward.config import COMMUNICATIONS, STRATEGY_NAMES
+from tfreward.errors import ConfigError
+from tfreward.ops import distributed
 
 
 
@@ -66,10 +73,63 @@ def _tpu_strategy(tpu_address):
   return tf.distribute.TPUStrategy(resolver)
 
 
-def get_strategy(name="auto", tpu_address=None):
-  """Returns a `tf.distribute.Strategy` for `name` in ("auto", "tpu", "gpu", "cpu")."""
+def tf_config_for_workers(workers, worker_index):
+  """The `TF_CONFIG` dict of worker `worker_index` in a cluster of `workers` ("HOST:PORT,HOST:PORT,...")."""
+  addresses = [w.strip() for w in workers.split(",")] if isinstance(workers, str) else list(workers)
+  for address in addresses:
+    if not re.fullmatch(r"[^\s:,]+:\d{1,5}", address):
+      raise ConfigError(f"--workers takes HOST:PORT addresses separated by commas, got {address!r}.")
+  if len(set(addresses)) != len(addresses):
+    raise ConfigError(f"--workers lists an address twice: {','.join(addresses)}.")
+  if isinstance(worker_index, bool) or not isinstance(worker_index, int) or not 0 <= worker_index < len(addresses):
+    raise ConfigError(f"--worker-index must be in [0, {len(addresses) - 1}] for {len(addresses)} workers, "
+                      f"got {worker_index!r}.")
+  return {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": worker_index}}
+
+
+_NO_CLUSTER = ("runtime.strategy multi_worker needs a cluster: start every worker with --workers HOST:PORT,HOST:PORT "
+               "--worker-index I, or set TF_CONFIG (see docs/distributed.md)")
+
+
+def cluster_from_env():
+  """Checks `TF_CONFIG` and returns its dict; ConfigError (one line, what to set) when it names no cluster."""
+  raw = os.environ.get("TF_CONFIG", "")
+  if not raw.strip():
+    raise ConfigError(_NO_CLUSTER + "; TF_CONFIG is not set.")
+  try:
+    tf_config = json.loads(raw)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{_NO_CLUSTER}; TF_CONFIG is not valid JSON ({e}).") from None
+  cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+  task = tf_config.get("task") if isinstance(tf_config, dict) else None
+  if not cluster or not (cluster.get("worker") or cluster.get("chief")):
+    raise ConfigError(f"{_NO_CLUSTER}; TF_CONFIG has no cluster.worker list.")
+  if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int):
+    raise ConfigError(f"{_NO_CLUSTER}; TF_CONFIG's task must name one of its cluster's jobs and an index, "
+                      f"got {task!r}.")
+  return tf_config
+
+
+def _multi_worker_strategy(communication):
+  if communication not in COMMUNICATIONS:
+    raise ValueError(f"communication must be one of {COMMUNICATIONS}, got {communication!r}.")
+  cluster_from_env()
+  implementation = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+                    "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+                    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}[communication]
+  return tf.distribute.MultiWorkerMirroredStrategy(
+      communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
+
+
+def get_strategy(name="auto", tpu_address=None, communication="auto"):
+  """Returns a `tf.distribute.Strategy` for `name` in ("auto", "tpu", "gpu", "cpu", "multi_worker").
+
+  multi_worker must come first in the process, before any other TensorFlow op (it configures the runtime).
+  """
   if name not in STRATEGY_NAMES:
     raise ValueError(f"strategy must be one of {STRATEGY_NAMES}, got {name!r}.")
+  if name == "multi_worker":
+    return _multi_worker_strategy(communication)
   if name == "tpu":
     return _tpu_strategy(tpu_address)
   if name == "auto":
@@ -91,12 +151,39 @@ def is_tpu_strategy(strategy):
   return isinstance(strategy, (tf.distribute.TPUStrategy,))
 
 
+def worker_index(strategy):
+  """This process's index among the workers of a multi-worker strategy (0 otherwise)."""
+  if not distributed.is_multi_worker(strategy):
+    return 0
+  return int(strategy.cluster_resolver.task_id or 0)
+
+
+def num_workers(strategy):
+  """The number of worker processes of a multi-worker strategy (1 otherwise; a TPU pod slice has one client)."""
+  if not distributed.is_multi_worker(strategy):
+    return 1
+  spec = strategy.cluster_resolver.cluster_spec().as_dict()
+  return len(spec.get("chief", [])) + len(spec.get("worker", []))
+
+
+def is_chief(strategy):
+  """Whether this process writes checkpoints, logs, metrics and exports: the "chief" task if the cluster has one,
+  else worker 0; always true outside a multi-worker strategy."""
+  if not distributed.is_multi_worker(strategy):
+    return True
+  resolver = strategy.cluster_resolver
+  if resolver.task_type == "chief":
+    return True
+  return resolver.task_type == "worker" and not resolver.cluster_spec().as_dict().get("chief") and \
+      int(resolver.task_id or 0) == 0
+
+
 def use_xla_in_compile(strategy):
   """Whether `model.compile(jit_compile=...)` may be True under `strategy`.
 
-  MirroredStrategy with a jit-compiled Keras train function (or steps_per_execution > 1) fails in Keras 3.15 with
+  MirroredStrategy (and MultiWorkerMirroredStrategy) with a jit-compiled Keras train function (or steps_per_execution > 1) fails in Keras 3.15 with
   "You must feed a value for placeholder tensor" (keras-team/keras#19246), and a nested jit-compiled function
   cannot hold its all-reduce (a merge_call); there the step runs as a plain graph with steps_per_execution 1.
   The default strategy and TPUStrategy compile the whole step with XLA.
   """
-  return not isinstance(strategy, tf.distribute.MirroredStrategy)
+  return not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy))

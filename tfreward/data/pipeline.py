@@ -18,7 +18,8 @@ Each element is `(images, labels)` for one replica:
     canvas pixels per original pixel (map boxes back with `transforms.canvas_boxes_to_original_pixels`);
     example_valid: [B] bool, False for the dummy examples that pad the last evaluation batch.
 
-Training shuffles, repeats, augments and drops the remainder. Evaluation keeps every example once, in order:
+Training shuffles, repeats, augments and drops the remainder; several input pipelines (hosts) split it by example
+or by file (`tfreward.data.sharding`). Evaluation keeps every example once, in order:
 global batch g of the split is split into consecutive per-replica slices (input pipeline p of P gets the rows
 [p * G / P, (p + 1) * G / P) of every global batch), and the last global batch is padded with dummy examples, so
 every replica gets the same number of full batches.
@@ -32,6 +33,7 @@ import tensorflow_datasets as tfds
 
 from tfreward.data import augment
 from tfreward.data import decoders
+from tfreward.data import sharding as sharding_lib
 from tfreward.data import transforms
 from tfreward.config import TASKS
 from tfreward.errors import DatasetError
@@ -123,11 +125,12 @@ def read_examples(builder, spec, split):
   return _read(builder, spec, split, shuffle_files=False, seed=None)
 
 
-def _read(builder, spec, split, *, shuffle_files, seed):
-  """TFDS examples of `split` with images still encoded; a clear error when the data is not prepared."""
+def _read(builder, spec, split, *, shuffle_files, seed, input_context=None):
+  """TFDS examples of `split` with images still encoded (only `input_context`'s files when given); a clear error
+  when the data is not prepared."""
   try:
     return builder.as_dataset(split=split, shuffle_files=shuffle_files, decoders=decoders.skip_decoding(spec),
-                              read_config=tfds.ReadConfig(shuffle_seed=seed))
+                              read_config=tfds.ReadConfig(shuffle_seed=seed, input_context=input_context))
   except AssertionError as e:  # TFDS reports a missing dataset with an AssertionError: "could not find data".
     if "could not find data" not in str(e):
       raise
@@ -222,7 +225,7 @@ def _dummy_element(element_spec):
 
 def build_dataset(*, dataset, task, split, training, image_size, global_batch_size, max_instances=100,
                   data_dir=None, manual_dir=None, shuffle_buffer=1000, hflip=True, scale_range=(0.8, 1.25),
-                  max_examples=None, seed=None, input_context=None):
+                  max_examples=None, seed=None, input_context=None, input_sharding="auto", start_batch=0):
   """Builds the input pipeline of one input worker (see the module docstring for the element structure).
 
   Args:
@@ -244,6 +247,13 @@ def build_dataset(*, dataset, task, split, training, image_size, global_batch_si
     max_examples: optional int, use only the first examples of the split.
     seed: optional int, makes shuffling and augmentation reproducible.
     input_context: optional `tf.distribute.InputContext`; batches are per replica and sharded by input pipeline.
+    input_sharding: str, how training input is split over several input pipelines (`sharding.resolve`):
+      "example": every pipeline reads the one seeded global stream and keeps its rows of each global batch
+      (pipeline p of P: rows [p * G / P, (p + 1) * G / P)), so the global batches do not depend on P; "file": each
+      pipeline reads its own files (`tfds.ReadConfig(input_context=...)`) and shuffles them itself; "auto": "file"
+      when the split has at least one file per pipeline. Defaults to "auto".
+    start_batch: int, training only: global batches already trained on (a resumed run); the stream starts after
+      them, so a resumed run sees the batches an uninterrupted one would. Defaults to 0.
 
   Returns:
     A `tf.data.Dataset` of `(images, labels)` with fully static shapes, batch `B` = per-replica batch size.
@@ -261,7 +271,14 @@ def build_dataset(*, dataset, task, split, training, image_size, global_batch_si
   if seed is None:
     seed = random.SystemRandom().randrange(2**31)
   builder = _load_builder(spec, data_dir, manual_dir)
-  examples = _read(builder, spec, split, shuffle_files=training, seed=file_seed)
+  sharding = sharding_lib.resolve(input_sharding, sharding_lib.num_files(builder, split), pipelines) if training else "example"
+  if sharding == "file" and max_examples is not None:
+    raise DatasetError("max_examples cannot be combined with input_sharding 'file' (each pipeline would take its "
+                       "own first examples); use 'example'.")
+  if not _is_int(start_batch) or start_batch < 0:
+    raise DatasetError(f"start_batch must be a non-negative integer, got {start_batch!r}.")
+  examples = _read(builder, spec, split, shuffle_files=training, seed=file_seed,
+                   input_context=input_context if sharding == "file" else None)
   if max_examples is not None:
     examples = examples.take(max_examples)
 
@@ -273,10 +290,15 @@ def build_dataset(*, dataset, task, split, training, image_size, global_batch_si
     return decoded
 
   if training:
-    if pipelines > 1:
-      examples = examples.shard(pipelines, pipeline_id)
-    base_seed = tf.constant([seed, pipeline_id], tf.int64)
+    rows = global_batch_size // pipelines  # Rows of each global batch that this pipeline serves.
     ds = examples.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat().enumerate()
+    if sharding == "file":  # Own files, own shuffle: the augmentation seeds differ by pipeline.
+      base_seed = tf.constant([seed, pipeline_id], tf.int64)
+    else:  # One global stream: example i of it gets the same augmentation whichever pipeline keeps it.
+      base_seed = tf.constant([seed, 0], tf.int64)
+      if pipelines > 1:
+        ds = ds.filter(lambda index, _: tf.equal(index % global_batch_size // rows, pipeline_id))
+    ds = ds.skip(start_batch * rows)  # Before decoding: skipping reads records, it decodes nothing.
     ds = ds.map(lambda index, example: _train_element(
         decode(example), tf.random.experimental.stateless_fold_in(base_seed, index), task=task,
         image_size=image_size, max_instances=max_instances, hflip=hflip, scale_range=scale_range),

@@ -157,7 +157,14 @@ def ensure_built(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   builder = TfrewardShapes(config=config, data_dir=data_dir)
   if not builder.is_prepared():
     _LOG.info("Dataset %s is not prepared in %s: generating it now.", name, builder.data_dir)
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except FileExistsError:
+      # Another process (a second worker on a shared data dir) finished generating it first: TFDS writes into a
+      # private incomplete dir and renames it at the end, so the one that exists is complete.
+      builder = TfrewardShapes(config=config, data_dir=data_dir)
+      if not builder.is_prepared():
+        raise
   return builder
 
 

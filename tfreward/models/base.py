@@ -191,7 +191,12 @@ class TaskModel(keras.Model):
         self._trackers[name].update_state(distributed.global_sum(tf.cast(terms[name], tf.float32)))
     for name, tracker in self.stat_trackers.items():
       tracker.update_state(distributed.global_sum(tf.cast(terms[name], tf.float32)))
-    return {name: tracker.result() for name, tracker in self._trackers.items()}
+    logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+    if distributed.is_multi_worker(tf.distribute.get_strategy()):
+      # Keras 3.15 reduces a multi-worker step's outputs with MEAN along axis 0, which fails on scalars; the values
+      # are already the same on every replica, so a [1] vector averages to the same value.
+      logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
 
   def train_step(self, data):
     images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)

@@ -23,3 +23,9 @@ def num_replicas():
   if ctx is None:
     return tf.distribute.get_strategy().num_replicas_in_sync
   return ctx.num_replicas_in_sync
+
+
+def is_multi_worker(strategy):
+  """Whether `strategy` is a MultiWorkerMirroredStrategy spanning more than one worker process."""
+  return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+          and strategy.extended._in_multi_worker_mode())  # pylint: disable=protected-access

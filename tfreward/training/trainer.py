@@ -9,6 +9,9 @@ A model directory holds:
   metrics.json          the last evaluation
   export/               the SavedModel written by `tfreward export` (`tfreward.export.saved_model`)
 
+Under a multi-worker strategy only the chief writes there; the other workers write to temporary directories that
+are removed, and resume from the chief's backup (`tfreward.training.multi_worker`).
+
 The trainer never imports `tfreward.export`: the CLI composes training and export.
 """
 
@@ -24,6 +27,7 @@ import yaml
 
 from tfreward import strategy as strategies, registry
 from tfreward.config import ConfigError, to_dict
+from tfreward.training import multi_worker
 from tfreward.training import recipes
 from tfreward.training import runtime_record
 from tfreward.training.optimizers import build_optimizer
@@ -37,11 +41,14 @@ class TrainResult:
   model: keras.Model
   history: dict
   metrics: dict
+  is_chief: bool = True  # False on the workers of a multi-worker run that write nothing
+  weights_sha256: str = ""  # fingerprint of the final weights: equal on every worker
 
 
 def _data_kwargs(config, *, training):
   d = config.data
-  return dict(dataset=d.dataset, task=d.task, split=d.train_split if training else d.eval_split,
+  sharding = dict(input_sharding=d.input_sharding) if training else {}
+  return dict(**sharding, dataset=d.dataset, task=d.task, split=d.train_split if training else d.eval_split,
               training=training, image_size=tuple(d.image_size),
               global_batch_size=d.global_batch_size if training else d.eval_batch_size,
               max_instances=d.max_instances, data_dir=d.data_dir, manual_dir=d.manual_dir,
@@ -145,20 +152,28 @@ def _set_dataset_statistics(config, model):
   model.set_dataset_statistics({name: known[name]() for name in needed})
 
 
-def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
-  """Trains `config` into `model_dir` and returns a TrainResult. Resumes if `model_dir` holds a backup."""
+def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto", strategy=None):
+  """Trains `config` into `model_dir` and returns a TrainResult. Resumes if `model_dir` holds a backup.
+
+  `strategy` overrides `config.runtime.strategy` (e.g. a MirroredStrategy over chosen devices).
+  """
   from tfreward.data import pipeline
+  # The strategy first: multi_worker must be created before any other TensorFlow op.
+  strategy = strategy or strategies.get_strategy(config.runtime.strategy, config.runtime.tpu_address,
+                                                 config.runtime.communication)
   # Before seeding: generating the data on first use draws from the global random state, and would otherwise change
   # the initial weights (a run on freshly generated data then differed from one on existing data).
   pipeline.prepare_dataset(config.data.dataset, config.data.data_dir, config.data.manual_dir)
   keras.utils.set_random_seed(config.runtime.seed)
-  strategy = strategies.get_strategy(config.runtime.strategy, config.runtime.tpu_address)
   spec = dataset_spec(config)
   per_replica_check = config.data.global_batch_size % strategy.num_replicas_in_sync
   if per_replica_check:
     raise ConfigError(f"data.global_batch_size {config.data.global_batch_size} is not divisible by the "
                       f"{strategy.num_replicas_in_sync} replicas.")
-  train_data = pipeline.distributed_dataset(strategy, **_data_kwargs(config, training=True))
+  # A resumed run's input starts after the batches trained before, so it sees the batches an uninterrupted one would.
+  start_epoch = multi_worker.backup_epoch(os.path.join(model_dir, "backup"))
+  train_data = pipeline.distributed_dataset(strategy, **_data_kwargs(config, training=True),
+                                            start_batch=start_epoch * config.train.steps_per_epoch)
   model = build_model(config, strategy, spec)
   if config.train.init_checkpoint:
     # A .weights.h5 holds the optimizer too (step counter, moments): keep only the model's weights, so the new
@@ -169,15 +184,26 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
       variable.assign(value)
     logging.info("Initialised weights from %s", config.train.init_checkpoint)
   _set_dataset_statistics(config, model)
-  _write_config(config, model_dir)
-  runtime_record.write(model, model_dir)
+  chief = strategies.is_chief(strategy)
+  out_dir = multi_worker.write_dir(model_dir, strategy)
+  try:
+    return _fit(config, model, train_data, model_dir, out_dir, callbacks=callbacks,
+                evaluate=evaluate and chief, chief=chief, verbose=verbose)
+  finally:
+    multi_worker.remove_write_dir(out_dir, model_dir)
 
+
+def _fit(config, model, train_data, model_dir, out_dir, *, callbacks, evaluate, chief, verbose):
+  """`model.fit` with the standard callbacks writing into `out_dir`, restoring from `model_dir`'s backup."""
+  _write_config(config, out_dir)
+  runtime_record.write(model, out_dir)
   evaluator = eval_callback(config) if evaluate else None
   standard = [evaluator] if evaluator is not None else []
-  log_dir = os.path.join(model_dir, "logs")
+  log_dir = os.path.join(out_dir, "logs")
   standard += [
-      keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
-      keras.callbacks.ModelCheckpoint(os.path.join(model_dir, LATEST_WEIGHTS), save_weights_only=True,
+      multi_worker.WorkerBackupAndRestore(os.path.join(out_dir, "backup"),
+                                          restore_dir=os.path.join(model_dir, "backup")),
+      keras.callbacks.ModelCheckpoint(os.path.join(out_dir, LATEST_WEIGHTS), save_weights_only=True,
                                       save_freq="epoch"),
       keras.callbacks.TensorBoard(log_dir, write_graph=False),
       *callbacks,
@@ -188,13 +214,14 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto"):
   warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
   history = model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=config.train.steps_per_epoch,
                       callbacks=all_callbacks, verbose=verbose)
-  model.save_weights(os.path.join(model_dir, FINAL_WEIGHTS))
+  model.save_weights(os.path.join(out_dir, FINAL_WEIGHTS))
   metrics = {}
   if evaluate:
     metrics = {k: float(v) for k, v in evaluator.last_results.items()}
-    with open(os.path.join(model_dir, "metrics.json"), "w") as f:
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
-  return TrainResult(model=model, history=history.history, metrics=metrics)
+  return TrainResult(model=model, history=history.history, metrics=metrics, is_chief=chief,
+                     weights_sha256=multi_worker.weights_sha256(model))
 
 
 def load_trained_model(config, model_dir, *, weights=None):
