@@ -255,3 +255,33 @@ def test_specs():
   city = pipeline.dataset_spec("cityscapes/semantic_segmentation")
   assert city.num_classes_for("segmentation") == 19 and city.ignore_index == 255
   assert city.tfds_name == "cityscapes/semantic_segmentation" and city.manual_files
+
+
+def _ids_by_pipeline(build):
+  """Valid image ids seen by each of two input pipelines (one replica each) and by one pipeline alone."""
+  contexts = [tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=p, num_replicas_in_sync=2)
+              for p in range(2)]
+  seen = []
+  for context in (*contexts, None):
+    ids = [labels["image_id"][labels["example_valid"]] for _, labels in build(context).as_numpy_iterator()]
+    seen.append(np.concatenate(ids).tolist())
+  return seen
+
+
+@pytest.mark.parametrize("dataset", ["coco/2017", "cityscapes"])
+def test_evaluation_over_two_input_pipelines_sees_every_example_once(dataset, coco_mock, tmp_path):
+  """COCO (3 examples) and Cityscapes (mock) validation over a fake 2-pipeline InputContext: the pipelines' shards
+  are disjoint and together are the split, in the order of one pipeline."""
+  manual_dir = tmp_path / "manual"
+  manual_dir.mkdir()
+  for name in decoders.CITYSCAPES_MANUAL_FILES:
+    (manual_dir / name).write_bytes(b"")
+  task = "detection" if dataset == "coco/2017" else "segmentation"
+  examples = _coco_examples if dataset == "coco/2017" else _city_examples
+  with tfds.testing.mock_data(as_dataset_fn=_consistent_as_dataset(examples),
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    first, second, alone = _ids_by_pipeline(lambda context: pipeline.build_dataset(
+        dataset=dataset, task=task, split="validation", training=False, image_size=(32, 48), global_batch_size=2,
+        manual_dir=str(manual_dir), input_context=context))
+  assert len(alone) == len(set(alone)) >= 2
+  assert not set(first) & set(second) and sorted(first + second) == sorted(alone)

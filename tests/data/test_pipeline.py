@@ -4,9 +4,11 @@ import re
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from tfreward.data import decoders
 from tfreward.data import pipeline
+from tfreward.data import sharding
 from tfreward.data import shapes
 from tfreward.data import transforms
 from tfreward.ops import boxes as box_ops
@@ -236,14 +238,57 @@ def test_several_input_pipelines_partition_the_data(data_dir):
   assert labels[0]["image_id"].shape == (6,)
   ids = np.concatenate([l["image_id"][l["example_valid"]] for l in labels])
   assert sorted(ids.tolist()) == sorted(_raw_validation(data_dir))
-  # Training: the two shards of the 40 examples are disjoint.
-  seen = []
-  for c in contexts:
-    batches = list(_build(data_dir, training=True, global_batch_size=4, input_context=c).take(5)
-                   .as_numpy_iterator())
-    seen.append(set(np.concatenate([b[1]["image_id"] for b in batches]).tolist()))
-    assert batches[0][0].shape == (2, *SIZE, 3)
-  assert not seen[0] & seen[1] and len(seen[0]) >= 8
+  # Training, sharded by example: pipeline p serves rows [2p, 2p + 2) of each global batch of one pipeline, with the
+  # same augmentation, so two hosts train on exactly the batches of one.
+  alone = list(_build(data_dir, training=True, global_batch_size=4).take(5).as_numpy_iterator())
+  shards = [list(_build(data_dir, training=True, global_batch_size=4, input_context=c, input_sharding="example")
+                 .take(5).as_numpy_iterator()) for c in contexts]
+  for step, (images, labels) in enumerate(alone):
+    assert shards[0][step][0].shape == (2, *SIZE, 3)
+    np.testing.assert_array_equal(np.concatenate([shards[0][step][0], shards[1][step][0]]), images)
+    for key in labels:
+      np.testing.assert_array_equal(np.concatenate([shards[0][step][1][key], shards[1][step][1][key]]),
+                                    labels[key], err_msg=key)
+
+
+def test_start_batch_resumes_the_training_stream(data_dir):
+  """A resumed run's input (start_batch=k) is the uninterrupted stream from global batch k on, across epochs of the
+  40 examples (batches of 4: 10 per epoch)."""
+  full = list(_build(data_dir, training=True).take(14).as_numpy_iterator())
+  resumed = list(_build(data_dir, training=True, start_batch=11).take(3).as_numpy_iterator())
+  for (images, labels), (images2, labels2) in zip(full[11:], resumed):
+    np.testing.assert_array_equal(images2, images)
+    np.testing.assert_array_equal(labels2["image_id"], labels["image_id"])
+  with pytest.raises(ValueError, match="start_batch must be a non-negative integer, got -1"):
+    _build(data_dir, training=True, start_batch=-1)
+
+
+def test_file_sharding_reads_each_pipelines_own_files(data_dir, monkeypatch):
+  """input_sharding "file" (or "auto" with a file per pipeline) hands TFDS the InputContext; with fewer files than
+  pipelines "file" is an error and "auto" falls back to example sharding."""
+  seen_contexts = []
+  as_dataset = shapes.TfrewardShapes.as_dataset
+
+  def recording_as_dataset(self, *args, read_config=None, **kwargs):
+    seen_contexts.append(read_config.input_context)
+    # The test dataset has one file per split: read it whole, as TFDS would read this pipeline's share.
+    return as_dataset(self, *args, read_config=tfds.ReadConfig(shuffle_seed=read_config.shuffle_seed), **kwargs)
+
+  monkeypatch.setattr(shapes.TfrewardShapes, "as_dataset", recording_as_dataset)
+  context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=2)
+  with pytest.raises(ValueError, match="input_sharding 'file' needs at least one file per input pipeline: the split "
+                                       "has 1 file"):
+    _build(data_dir, training=True, input_context=context, input_sharding="file")
+  _build(data_dir, training=True, input_context=context)  # auto, one file: example sharding
+  assert seen_contexts == [None]
+  monkeypatch.setattr(sharding, "num_files", lambda builder, split: 2)
+  batches = list(_build(data_dir, training=True, input_context=context).take(2).as_numpy_iterator())
+  assert seen_contexts[-1] is context and batches[0][0].shape == (2, *SIZE, 3)
+  with pytest.raises(ValueError, match="max_examples cannot be combined with input_sharding 'file'"):
+    _build(data_dir, training=True, input_context=context, max_examples=8)
+  assert sharding.resolve("auto", 4, 1) == "example" and sharding.resolve("example", 4, 2) == "example"
+  with pytest.raises(ValueError, match="input_sharding must be one of"):
+    sharding.resolve("hosts", 4, 2)
 
 
 def test_specs():
