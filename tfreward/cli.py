@@ -4,6 +4,7 @@
                 [--dry-run]
   tfreward evaluate --model-dir DIR [--set key=value ...] [--saved-model [EXPORT_DIR]]
   tfreward export --model-dir DIR [--export-dir DIR]
+  tfreward predict --saved-model DIR IMAGE_OR_GLOB... --out OUT_DIR [--score-threshold 0.3]
   tfreward curves MODEL_DIR... [--label NAME ...] [--metric NAME ...] [--out PNG]
   tfreward compare MODEL_DIR... [--label NAME ...] [--num-images N] [--out PNG] [--table]   (segmentation runs)
   tfreward data preview [--dataset NAME] [--split SPLIT] [--out PNG] [--data-dir DIR]
@@ -50,6 +51,14 @@ def _parser():
   export.add_argument("--model-dir", required=True)
   export.add_argument("--export-dir", default=None, help="default: <model-dir>/export")
 
+  predict = sub.add_parser("predict", help="run an exported SavedModel on image files: PNGs with its predictions "
+                           "drawn, and detections.json (COCO results format)")
+  predict.add_argument("images", nargs="+", metavar="IMAGE_OR_GLOB", help="image files or globs (quote the glob)")
+  predict.add_argument("--saved-model", required=True, metavar="EXPORT_DIR")
+  predict.add_argument("--out", required=True, metavar="OUT_DIR")
+  predict.add_argument("--score-threshold", type=float, default=0.3, help="draw and list detections scoring at "
+                       "least this (default 0.3)")
+
   curves = sub.add_parser("curves", help="validation curves of runs side by side: a Markdown table and a PNG")
   curves.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
   curves.add_argument("--label", dest="labels", action="append", default=None, help="one per run (repeatable); runs sharing a label are averaged, with their range")
@@ -83,8 +92,14 @@ def _export(config, model_dir, export_dir=None):
   """Exports the trained model in `model_dir` as a SavedModel (default `<model_dir>/export`); returns its path."""
   from tfreward.export.saved_model import export_saved_model
   from tfreward.training import trainer
+  from tfreward.data import decoders
   export_dir = export_dir or os.path.join(model_dir, "export")
-  export_saved_model(trainer.load_trained_model(config, model_dir), export_dir)
+  spec = trainer.dataset_spec(config)
+  if config.data.task == "segmentation":
+    names, ids = spec.segmentation_class_names, None
+  else:
+    names, ids = spec.class_names, decoders.COCO_CATEGORY_IDS if spec.name.startswith("coco") else None
+  export_saved_model(trainer.load_trained_model(config, model_dir), export_dir, class_names=names, category_ids=ids)
   return export_dir
 
 
@@ -164,6 +179,16 @@ def _run(args):
     from tfreward.training import trainer
     config = load_config(trainer.saved_config_dict(args.model_dir))
     print("exported to", _export(config, args.model_dir, args.export_dir))
+  elif args.command == "predict":
+    from tfreward.export.predict import predict_files
+    report = predict_files(args.saved_model, args.images, args.out, score_threshold=args.score_threshold)
+    for path, reason in report.skipped:
+      print(f"skipped {path}: {reason}", file=sys.stderr)
+    if not report.written:
+      from tfreward.errors import UserError
+      raise UserError(f"none of the {len(report.skipped)} file(s) is a readable image.")
+    print(f"wrote {len(report.written)} image(s) to {args.out} ({1000 * report.seconds_per_image:.0f} ms per image "
+          "as served)" + (f"; detections in {report.detections_json}" if report.detections_json else ""))
   elif args.command == "curves":
     from tfreward.training import curves
     print(curves.compare_runs(args.model_dirs, labels=args.labels, metrics=args.metrics or ("mAP", "mAP50"),

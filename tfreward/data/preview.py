@@ -28,14 +28,16 @@ def class_colour(label):
   return PALETTE[int(label) % len(PALETTE)]
 
 
-def _font(size):
+def default_font(size):
+  """Pillow's default font at `size` pixels (its fixed bitmap font before Pillow 10.1)."""
   try:
     return ImageFont.load_default(size=size)
   except TypeError:  # Pillow < 10.1 has only the fixed bitmap font.
     return ImageFont.load_default()
 
 
-def _text_colour(rgb):
+def text_colour(rgb):
+  """Black or white, whichever reads better on `rgb`."""
   return (0, 0, 0) if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] > 140 else (255, 255, 255)
 
 
@@ -60,7 +62,7 @@ def _image_panel(image, boxes, labels, class_names, factor, font):
     tx = min(max(x0 - 2, 0), size - width)
     ty = y0 - 2 - height if y0 - 2 - height >= 0 else y0
     draw.rectangle([tx, ty, tx + width - 1, ty + height - 1], fill=colour)
-    draw.text((tx + 2 - left, ty + 1 - top), text, fill=_text_colour(colour), font=font)
+    draw.text((tx + 2 - left, ty + 1 - top), text, fill=text_colour(colour), font=font)
   return panel
 
 
@@ -78,7 +80,7 @@ def _canvas(width, height, title, class_names):
   """A blank canvas with the header strip (title, then each class's colour and name): (image, draw, font)."""
   canvas = Image.new("RGB", (width, height), BACKGROUND)
   draw = ImageDraw.Draw(canvas)
-  font = _font(12)
+  font = default_font(12)
   draw.text((PAD, 7), title, fill=(255, 255, 255), font=font)
   x = PAD + int(draw.textlength(title, font=font)) + 3 * PAD
   for label, name in enumerate(class_names):

@@ -73,7 +73,11 @@ def class_pixel_counts(dataset, *, split="train", data_dir=None, manual_dir=None
     _LOG.warning("Recounting class pixels: %s was written for another version of the data.", path)
   _LOG.info("Counting the labelled pixels of each class over %s/%s (once; cached in %s).", spec.name, split, path)
   counts, seen = _count(builder, spec, split, num_classes, progress)
-  with tf.io.gfile.GFile(path, "w") as f:
+  # Written aside and renamed: the workers of a multi-worker run count at the same time, and none may read a
+  # half-written file.
+  partial = f"{path}.{os.getpid()}.partial"
+  with tf.io.gfile.GFile(partial, "w") as f:
     json.dump({"dataset": spec.name, "split": split, "num_classes": num_classes, "num_examples": seen,
                "class_names": list(spec.segmentation_class_names), "counts": counts.tolist()}, f, indent=1)
+  tf.io.gfile.rename(partial, path, overwrite=True)
   return counts.tolist()

@@ -19,6 +19,8 @@ Segmentation models (with `segment`) output
   image_hw: int32 [B, 2] original sizes (crop `labels[b, :h, :w]`).
 
 The exported graph needs only TensorFlow to load and run (`tf.saved_model.load(path).signatures[...]`).
+With `class_names`, the loaded object also carries `class_names` (tf.string [K]) and `category_ids` (int32 [K], the
+dataset's category id of each 0-based class: COCO's own ids, else class + 1) as variables, for `tfreward predict`.
 """
 
 import tensorflow as tf
@@ -138,7 +140,7 @@ def _segmentation_outputs(model, image_size, canvases, scales, image_hw):
   return {"labels": _labels_to_original(labels, scales, image_hw, image_size), "image_hw": image_hw}
 
 
-def export_saved_model(model, export_dir, *, max_image_size=None, task=None):
+def export_saved_model(model, export_dir, *, max_image_size=None, task=None, class_names=None, category_ids=None):
   """Writes `model` as a SavedModel with the `serving_default`, `serve_encoded` and `serve_images` signatures.
 
   Args:
@@ -148,6 +150,8 @@ def export_saved_model(model, export_dir, *, max_image_size=None, task=None):
     max_image_size: optional int. Largest accepted height or width of an input image; a larger one fails the call
       with InvalidArgumentError (bounds the memory an untrusted request can take). Defaults to None (no limit).
     task: optional "detection" or "segmentation"; inferred from the model's methods by default.
+    class_names: optional sequence of str, the name of each 0-based class (of each label value for segmentation).
+    category_ids: optional sequence of int, one per class name (defaults to class + 1).
 
   Returns:
     The `tf.Module` that was saved.
@@ -169,6 +173,13 @@ def export_saved_model(model, export_dir, *, max_image_size=None, task=None):
   module = tf.Module()
   # As keras.export.ExportArchive does: the variables in lists on the saved object, the Keras model itself untracked.
   module.model_variables = list(model.variables)
+  if class_names is not None:
+    class_names = [str(name) for name in class_names]
+    category_ids = list(range(1, len(class_names) + 1)) if category_ids is None else [int(i) for i in category_ids]
+    if len(category_ids) != len(class_names):
+      raise ValueError(f"category_ids needs one id per class name: {len(category_ids)} ids, {len(class_names)} names.")
+    module.class_names = tf.Variable(class_names, dtype=tf.string, trainable=False, name="class_names")
+    module.category_ids = tf.Variable(category_ids, dtype=tf.int32, trainable=False, name="category_ids")
   module.serve_encoded = tf.function(
       serve_encoded, input_signature=[tf.TensorSpec([None], tf.string, name="encoded_images")])
   module.serve_images = tf.function(
