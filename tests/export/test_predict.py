@@ -62,6 +62,7 @@ def test_detections_drawn_and_listed_in_coco_format(exports, images, tmp_path, c
   assert code == 0
   skipped = sorted(line.split(":")[0] for line in stderr.splitlines() if line.startswith("skipped "))
   assert skipped == [f"skipped {images / name}" for name in ("broken.png", "empty.jpg", "notes.txt")]
+  assert "not a readable image" in stderr and "{{" not in stderr and "[Op:" not in stderr  # the cause, in one line
   assert "wrote 2 image(s)" in stdout and "ms per image" in stdout
   assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "detections.json"]
   detections = json.loads((out / "detections.json").read_text())

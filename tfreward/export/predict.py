@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import time
 
 import keras
@@ -59,7 +60,9 @@ def _decodable(data):
   try:
     image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    return None, f"not a readable image ({e.message.splitlines()[0] if e.message else type(e).__name__})"
+    # "{{function_node ...}} Invalid PNG. Failed to initialize decoder. [Op:DecodeImage]" -> the middle part.
+    cause = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", (e.message or "").splitlines()[0] if e.message else "").strip()
+    return None, f"not a readable image ({cause or type(e).__name__})"
   if image.shape[0] == 0 or image.shape[1] == 0:
     return None, "an empty image"
   return image, None
