@@ -66,6 +66,12 @@ class TaskModel(keras.Model):
   log_names = ()
   statistic_names = ()
 
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    # Every family is Keras-serializable under its own module's name, so `model.save("m.keras")` and
+    # `keras.models.load_model("m.keras")` work once the family's module is imported (tfreward.models.<family>).
+    keras.saving.register_keras_serializable(package=cls.__module__)(cls)
+
   def __init__(self, options=None, *, num_classes, image_size, clip_norm=None, **kwargs):
     super().__init__(**kwargs)
     self.options = self.parse_options(options)
@@ -226,6 +232,18 @@ class TaskModel(keras.Model):
     optimizer = optimizer or getattr(self, "optimizer", None)
     if optimizer is not None and not optimizer.built:
       optimizer.build(self.trainable_variables)
+
+  def get_build_config(self):
+    """Always recorded: Keras records a build config only for a model marked built, which a model first called
+    inside `fit`'s traced step is not, and without one loading never builds the model."""
+    return {"input_shape": [None, *self.image_size, 3]}
+
+  def build_from_config(self, config):
+    """Builds a model loaded by `keras.models.load_model` by calling it, like `build_for_training`: Keras' symbolic
+    build from the recorded input shape leaves some layers unbuilt (Pix2Seq's encoder), and their weights then fail
+    to load. Called even when Keras already marks the model built."""
+    del config
+    self(tf.zeros([1, *self.image_size, 3], tf.uint8), training=False)
 
   def _maybe_symbolic_build(self, iterator=None, data_batch=None):
     # A private Keras method (keras/src/backend/tensorflow/trainer.py), overridden because no public hook exists:
