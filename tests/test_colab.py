@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import sysconfig
 
 import nbclient
 import nbformat
@@ -69,7 +70,10 @@ def test_every_notebook_has_one_parameters_cell():
 
 @pytest.mark.slow  # a few minutes each: several tfreward commands, each compiling its step
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs_top_to_bottom_in_smoke_mode(path):
+def test_notebook_runs_top_to_bottom_in_smoke_mode(path, monkeypatch):
+  # The notebooks' `!tfreward` is the console script pip installed beside this interpreter (or in the user scheme).
+  scripts = [sysconfig.get_path("scripts"), sysconfig.get_path("scripts", f"{os.name}_user")]
+  monkeypatch.setenv("PATH", os.pathsep.join([*scripts, os.environ.get("PATH", "")]))
   notebook = nbformat.read(path, as_version=4)
   params = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
   params.source = "SMOKE = True"

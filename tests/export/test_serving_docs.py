@@ -4,6 +4,7 @@ signature as `saved_model_cli` prints it equal to the documented block, with the
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_documented_signature_matches_the_export(name, tmp_path):
   config = load_config(os.path.join(ROOT, "configs", "shapes", f"{name}.yaml"))
   export_dir = tmp_path / "export"
   saved_model.export_saved_model(trainer.build_model(config, compile_model=False), export_dir)
-  printed = subprocess.run(["saved_model_cli", "show", "--dir", str(export_dir), "--tag_set", "serve",
+  printed = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir", str(export_dir), "--tag_set", "serve",
                             "--signature_def", "serving_default"], capture_output=True, text=True, check=True,
                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout.strip()
   k = CONFIGS[name]
