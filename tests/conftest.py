@@ -12,6 +12,16 @@ from tfreward import strategy as strategies  # noqa: E402
 strategies.split_cpu(2)
 
 
+@pytest.fixture(scope="session")
+def shapes_test_data_dir(tmp_path_factory):
+  """A TFDS data dir with `tfreward_shapes/test` (40 train / 10 validation images) built once, for tests that only
+  read it (a test that writes beside the data, e.g. the statistics cache, builds its own)."""
+  from tfreward.data import shapes
+  path = str(tmp_path_factory.mktemp("tfds_shapes_test"))
+  shapes.ensure_built("tfreward_shapes/test", path)
+  return path
+
+
 @pytest.fixture
 def two_replica_strategy():
   """A MirroredStrategy over two logical CPU devices."""

@@ -62,3 +62,16 @@ def test_one_process_is_its_own_chief():
   strategy = tf.distribute.get_strategy()
   assert strategies.is_chief(strategy) and strategies.num_workers(strategy) == 1
   assert strategies.worker_index(strategy) == 0
+
+
+def test_cluster_position_counts_a_chief_job_first():
+  def position(task_type, task_id, jobs):
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(jobs), task_type=task_type, task_id=task_id)
+    return strategies.cluster_position(resolver)
+
+  workers = {"worker": ["a:1", "b:1"]}
+  assert position("worker", 0, workers) == (2, 0, True) and position("worker", 1, workers) == (2, 1, False)
+  with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+  assert position("chief", 0, with_chief) == (3, 0, True)
+  assert position("worker", 0, with_chief) == (3, 1, False) and position("worker", 1, with_chief) == (3, 2, False)

@@ -151,31 +151,37 @@ def is_tpu_strategy(strategy):
   return isinstance(strategy, (tf.distribute.TPUStrategy,))
 
 
+def cluster_position(resolver):
+  """(workers, this task's index, chief?) of the task a cluster resolver names: the "chief" job, if the cluster has
+  one, counts first and is the chief; else worker 0 is."""
+  jobs = resolver.cluster_spec().as_dict()
+  chiefs = len(jobs.get("chief", []))
+  task_id = int(resolver.task_id or 0)
+  if resolver.task_type == "chief":
+    return chiefs + len(jobs.get("worker", [])), task_id, True
+  return chiefs + len(jobs.get("worker", [])), chiefs + task_id, chiefs == 0 and task_id == 0
+
+
+def _position(strategy):
+  if not distributed.is_multi_worker(strategy):
+    return 1, 0, True  # one process (a TPU pod slice too: TensorFlow drives it from one client)
+  return cluster_position(strategy.cluster_resolver)
+
+
 def worker_index(strategy):
   """This process's index among the workers of a multi-worker strategy (0 otherwise)."""
-  if not distributed.is_multi_worker(strategy):
-    return 0
-  return int(strategy.cluster_resolver.task_id or 0)
+  return _position(strategy)[1]
 
 
 def num_workers(strategy):
-  """The number of worker processes of a multi-worker strategy (1 otherwise; a TPU pod slice has one client)."""
-  if not distributed.is_multi_worker(strategy):
-    return 1
-  spec = strategy.cluster_resolver.cluster_spec().as_dict()
-  return len(spec.get("chief", [])) + len(spec.get("worker", []))
+  """The number of worker processes of a multi-worker strategy (1 otherwise)."""
+  return _position(strategy)[0]
 
 
 def is_chief(strategy):
-  """Whether this process writes checkpoints, logs, metrics and exports: the "chief" task if the cluster has one,
-  else worker 0; always true outside a multi-worker strategy."""
-  if not distributed.is_multi_worker(strategy):
-    return True
-  resolver = strategy.cluster_resolver
-  if resolver.task_type == "chief":
-    return True
-  return resolver.task_type == "worker" and not resolver.cluster_spec().as_dict().get("chief") and \
-      int(resolver.task_id or 0) == 0
+  """Whether this process writes checkpoints, logs, metrics and exports (`cluster_position`); always true outside a
+  multi-worker strategy."""
+  return _position(strategy)[2]
 
 
 def use_xla_in_compile(strategy):

@@ -9,7 +9,6 @@ import tensorflow as tf
 
 from tfreward import registry
 from tfreward.data import pipeline
-from tfreward.data import shapes
 
 DATASET, SIZE = "tfreward_shapes/test", (64, 64)
 TINY = {
@@ -25,10 +24,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  shapes.ensure_built(DATASET, path)
-  return path
+def data_dir(shapes_test_data_dir):
+  return shapes_test_data_dir
 
 
 class _Seen(keras.callbacks.Callback):

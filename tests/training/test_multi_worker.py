@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from tfreward.config import load_config
-from tfreward.data import shapes
 from tfreward.training import curves
 from tfreward.training import trainer
 
@@ -35,10 +34,8 @@ FAMILIES = {
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds"))
-  shapes.ensure_built(DATASET, path)
-  return path
+def data_dir(shapes_test_data_dir):
+  return shapes_test_data_dir
 
 
 def _free_ports(n):

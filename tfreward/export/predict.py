@@ -68,6 +68,10 @@ def _decodable(data):
   return image, None
 
 
+def _class_name(class_names, label):
+  return class_names[label] if label < len(class_names) else f"class {label}"
+
+
 def draw_detections(image, boxes_yxyx, classes, scores, class_names):
   """The image [H, W, 3] uint8 with each box (yxyx pixels) framed in its class colour and labelled; a PIL image."""
   canvas = Image.fromarray(image)
@@ -77,8 +81,7 @@ def draw_detections(image, boxes_yxyx, classes, scores, class_names):
   for (y0, x0, y1, x1), label, score in zip(boxes_yxyx, classes, scores):
     colour = preview.class_colour(label)
     draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
-    name = class_names[label] if label < len(class_names) else f"class {label}"
-    text = f"{name} {score:.2f}"
+    text = f"{_class_name(class_names, label)} {score:.2f}"
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     tw, th = right - left + 4, bottom - top + 2
     tx = min(max(x0, 0), max(canvas.width - tw, 0))
@@ -141,7 +144,7 @@ def predict_files(export_dir, patterns, out_dir, *, score_threshold=0.3, progres
       for (y0, x0, y1, x1), label, score in zip(boxes, classes, scores):
         results.append({"file_name": os.path.basename(path), "image_id": index,
                         "category_id": category_ids[label] if label < len(category_ids) else int(label) + 1,
-                        "category_name": class_names[label] if label < len(class_names) else f"class {label}",
+                        "category_name": _class_name(class_names, label),
                         "bbox": [round(float(v), 2) for v in (x0, y0, x1 - x0, y1 - y0)],
                         "score": round(float(score), 5)})
     else:

@@ -4,8 +4,8 @@ building the model or reading data."""
 import tensorflow as tf
 
 from tfreward import strategy as strategies
-from tfreward.config import ConfigError
 from tfreward.data import sharding
+from tfreward.training import trainer
 
 
 def input_pipelines(strategy):
@@ -29,26 +29,20 @@ def _local_devices(strategy):
     return ["the default device"]
 
 
-def _multi_worker_plan(config):
+def _multi_worker_plan():
   """(workers, this worker's index, chief?, local devices) from TF_CONFIG, without starting the cluster (creating
   the strategy would wait for every worker)."""
-  cluster = strategies.cluster_from_env()
-  jobs = cluster["cluster"]
-  workers = len(jobs.get("chief", [])) + len(jobs.get("worker", []))
-  task = cluster["task"]
-  index = task["index"] + (len(jobs.get("chief", [])) if task["type"] == "worker" else 0)
-  chief = task["type"] == "chief" or (not jobs.get("chief") and task["index"] == 0)
+  strategies.cluster_from_env()  # a clear error without a cluster
+  workers, index, chief = strategies.cluster_position(tf.distribute.cluster_resolver.TFConfigClusterResolver())
   gpus = tf.config.list_logical_devices("GPU")
-  devices = [f"GPU:{i}" for i in range(len(gpus))] or ["CPU:0"]
-  del config
-  return workers, index, chief, devices
+  return workers, index, chief, [f"GPU:{i}" for i in range(len(gpus))] or ["CPU:0"]
 
 
 def describe(config, strategy=None):
   """Lines that describe the run of `config` under `strategy` (default: the configured one; multi_worker is
   planned from TF_CONFIG without connecting to the other workers)."""
   if strategy is None and config.runtime.strategy == "multi_worker":
-    workers, index, chief, devices = _multi_worker_plan(config)
+    workers, index, chief, devices = _multi_worker_plan()
     name, replicas, pipelines, xla = "MultiWorkerMirroredStrategy", workers * len(devices), workers, False
   else:
     strategy = strategy or strategies.get_strategy(config.runtime.strategy, config.runtime.tpu_address,
@@ -58,8 +52,7 @@ def describe(config, strategy=None):
     replicas, pipelines = strategy.num_replicas_in_sync, input_pipelines(strategy)
     xla = strategies.use_xla_in_compile(strategy)
   batch = config.data.global_batch_size
-  if batch % replicas:
-    raise ConfigError(f"data.global_batch_size {batch} is not divisible by the {replicas} replicas.")
+  trainer.check_global_batch(config, replicas)
   files = sharding.prepared_num_files(config.data.dataset, config.data.train_split, config.data.data_dir)
   if pipelines > 1 and files is None and config.data.input_sharding == "auto":
     how = "auto: file if the split has at least one file per pipeline (dataset not prepared yet)"

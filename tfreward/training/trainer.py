@@ -57,6 +57,13 @@ def _data_kwargs(config, *, training):
               max_examples=None if training else d.max_eval_examples, seed=config.runtime.seed)
 
 
+def check_global_batch(config, num_replicas):
+  """ConfigError unless `data.global_batch_size` splits evenly over `num_replicas` replicas."""
+  if config.data.global_batch_size % num_replicas:
+    raise ConfigError(f"data.global_batch_size {config.data.global_batch_size} is not divisible by the "
+                      f"{num_replicas} replicas.")
+
+
 def dataset_spec(config):
   from tfreward.data import pipeline  # Lazy: keeps `import tfreward.training.trainer` light for tests.
   return pipeline.dataset_spec(config.data.dataset, data_dir=config.data.data_dir,
@@ -166,10 +173,7 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto", str
   pipeline.prepare_dataset(config.data.dataset, config.data.data_dir, config.data.manual_dir)
   keras.utils.set_random_seed(config.runtime.seed)
   spec = dataset_spec(config)
-  per_replica_check = config.data.global_batch_size % strategy.num_replicas_in_sync
-  if per_replica_check:
-    raise ConfigError(f"data.global_batch_size {config.data.global_batch_size} is not divisible by the "
-                      f"{strategy.num_replicas_in_sync} replicas.")
+  check_global_batch(config, strategy.num_replicas_in_sync)
   # A resumed run's input starts after the batches trained before, so it sees the batches an uninterrupted one would.
   start_epoch = multi_worker.backup_epoch(os.path.join(model_dir, "backup"))
   train_data = pipeline.distributed_dataset(strategy, **_data_kwargs(config, training=True),
