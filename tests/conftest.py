@@ -1,6 +1,7 @@
 """Test setup: split the host CPU into two logical devices before TensorFlow starts, for 2-replica tests."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -10,6 +11,8 @@ import tensorflow as tf  # noqa: E402
 from tfreward import strategy as strategies  # noqa: E402
 
 strategies.split_cpu(2)
+# Test helpers shared by several test files (mock_tfds) import by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")

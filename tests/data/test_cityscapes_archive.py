@@ -13,34 +13,27 @@ Label maps: a grid of 4 x 16 cells of 256 x 128 pixels, each one raw label id 0.
 18, 29 and 30 map to the ignore index 255), so resizing by 1/16 (canvas 64 x 128) keeps every cell exact.
 """
 
-import io
 import json
 import math
 import os
 import socket
-import zipfile
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
+import mock_tfds
 from tfreward import cli
 from tfreward.data import decoders
 from tfreward.data import pipeline
 from tfreward.training import trainer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cityscapes")
-CITY_HW = (1024, 2048)
-CELL_HW = (256, 128)
+CITY_HW = mock_tfds.CITYSCAPES_HW
+CELL_HW = mock_tfds.CITYSCAPES_CELL_HW
 CANVAS = (64, 128)  # 1/16 of the original: cells become 16 x 8 pixels
-# TFDS split name -> Cityscapes folder and its image ids (city, sequence, frame); the cities as in the real data.
-SPLITS = {
-    "train": ("train", (("aachen", 0, 19), ("aachen", 1, 19), ("bochum", 0, 1000))),
-    "validation": ("val", (("frankfurt", 0, 294), ("munster", 3, 19))),
-    "test": ("test", (("berlin", 0, 19), ("mainz", 1, 5))),
-}
+SPLITS = mock_tfds.CITYSCAPES_ARCHIVE_SPLITS
 # The shrunk runs: a tiny backbone, no ImageNet download, float32 on the CPU, two steps of two images.
 SHRINK = ("data.image_size=[64, 128]", "data.global_batch_size=2", "data.eval_batch_size=2",
           "data.shuffle_buffer=8", "model.backbone=resnet10", "model.backbone_width=8",
@@ -50,36 +43,9 @@ TRAIN_ID = np.full(256, decoders.IGNORE_INDEX, np.int64)
 TRAIN_ID[list(decoders.CITYSCAPES_LABEL_TO_TRAIN_ID)] = list(decoders.CITYSCAPES_LABEL_TO_TRAIN_ID.values())
 
 
-def _image_id(city, seq, frame):
-  return f"{city}_{seq:06d}_{frame:06d}"
-
-
-def _raw_labels(index):
-  """Example `index`'s raw label id map [1024, 2048] uint8: cell (i, j) holds id (7 * index + 16 * i + j) % 34."""
-  rows, cols = CITY_HW[0] // CELL_HW[0], CITY_HW[1] // CELL_HW[1]
-  cells = (7 * index + 16 * np.arange(rows)[:, None] + np.arange(cols)[None, :]) % 34
-  return np.kron(cells, np.ones(CELL_HW, np.int64)).astype(np.uint8)
-
-
-def _image(index):
-  """The left image [1024, 2048, 3] uint8: a colour per raw label id, shifted per example."""
-  raw = _raw_labels(index).astype(np.int64)
-  return np.stack([(raw * 7 + 20 * index) % 256, (raw * 37) % 256, 255 - raw * 5], axis=-1).astype(np.uint8)
-
-
-def _png(array):
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
-def _examples():
-  """(TFDS split, image id, example index) of every example of the archive; the index picks its content."""
-  index = 0
-  for split, (_, ids) in SPLITS.items():
-    for city_seq_frame in ids:
-      yield split, _image_id(*city_seq_frame), index
-      index += 1
+_raw_labels = mock_tfds.cityscapes_raw_labels
+_image = mock_tfds.cityscapes_image
+_examples = mock_tfds.cityscapes_archive_examples
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +63,7 @@ def no_network():
 @pytest.fixture(scope="module")
 def manual_dir(tmp_path_factory):
   """The fake manual download: the two zips Cityscapes' TFDS builder needs, and nothing else."""
-  path = tmp_path_factory.mktemp("cityscapes_manual")
-  folders = {split: folder for split, (folder, _) in SPLITS.items()}
-  with zipfile.ZipFile(path / "leftImg8bit_trainvaltest.zip", "w") as left, \
-       zipfile.ZipFile(path / "gtFine_trainvaltest.zip", "w") as fine:
-    for split, image_id, index in _examples():
-      city = image_id.split("_")[0]
-      left.writestr(f"leftImg8bit/{folders[split]}/{city}/{image_id}_leftImg8bit.png", _png(_image(index)))
-      fine.writestr(f"gtFine/{folders[split]}/{city}/{image_id}_gtFine_labelIds.png", _png(_raw_labels(index)))
-  return str(path)
+  return mock_tfds.write_cityscapes_archive(str(tmp_path_factory.mktemp("cityscapes_manual")))
 
 
 def _id_hash(image_id):

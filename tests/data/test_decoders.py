@@ -10,6 +10,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import mock_tfds
+
 from tfreward.data import decoders
 from tfreward.data import pipeline
 from tfreward.data import transforms
@@ -21,82 +23,26 @@ COCO_OBJECTS = (
     [((0.2, 0.3, 0.7, 0.9), 12, False)],
     [],
 )
-CITY_HW = (1024, 2048)
-
-
-def _consistent_as_dataset(make_examples):
-  """An `as_dataset_fn` for `mock_data` that encodes `make_examples(split)` with the builder's own features."""
-
-  def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
-    del read_config, kwargs
-    features = self.info.features
-    specs = features.get_serialized_info()  # Nested dicts of TensorInfo.
-    flat_specs = tf.nest.flatten(specs)
-
-    def to_arrays(spec, value):  # Sequence fields encode as lists: stack them, empty ones included.
-      if isinstance(spec, dict):
-        return {key: to_arrays(spec[key], value[key]) for key in spec}
-      return np.asarray(value, dtype=spec.np_dtype).reshape([-1 if d is None else d for d in spec.shape])
-
-    encoded = [tf.nest.flatten(to_arrays(specs, features.encode_example(example)))
-               for example in make_examples(split)]
-    signature = tuple(tf.TensorSpec(s.shape, s.tf_dtype) for s in flat_specs)
-    ds = tf.data.Dataset.from_generator(lambda: (tuple(e) for e in encoded), output_signature=signature)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(len(encoded)))
-    ds = ds.map(lambda *flat: tf.nest.pack_sequence_as(specs, list(flat)))
-    return ds.map(lambda ex: features.decode_example(ex, decoders=decoders))
-
-  return as_dataset
+CITY_HW = mock_tfds.CITYSCAPES_HW
 
 
 def _coco_examples(split):
   del split
   rng = np.random.default_rng(0)
-  for i, ((h, w), objects) in enumerate(zip(COCO_HW, COCO_OBJECTS)):
-    yield {
-        "image": rng.integers(0, 255, [h, w, 3], dtype=np.uint8),
-        "image/filename": f"{i}.jpg",
-        "image/id": 100 + i,
-        "objects": {
-            "bbox": np.array([o[0] for o in objects], np.float32).reshape([-1, 4]),
-            "label": np.array([o[1] for o in objects], np.int64),
-            "is_crowd": np.array([o[2] for o in objects], bool),
-            "area": np.arange(len(objects), dtype=np.int64),
-            "id": np.arange(len(objects), dtype=np.int64),
-        },
-    }
-
-
-def _city_label_ids():
-  """A raw label map: vertical stripes of label ids 0..33 and one stripe of the unused id 255."""
-  stripes = np.concatenate([np.arange(34), [255]]).astype(np.uint8)
-  columns = stripes[np.arange(CITY_HW[1]) * len(stripes) // CITY_HW[1]]
-  return np.broadcast_to(columns[None, :, None], (*CITY_HW, 1)).copy()
-
-
-def _city_examples(split):
-  for i in range(2):
-    image = np.zeros([*CITY_HW, 3], np.uint8)
-    image[:, : CITY_HW[1] // 2] = 40 * (i + 1)
-    yield {"image_id": f"bonn_00000{i}_000019_{split}", "image_left": image, "segmentation_label": _city_label_ids()}
+  for i, (hw, objects) in enumerate(zip(COCO_HW, COCO_OBJECTS)):
+    yield mock_tfds.coco_example(i, hw, objects, rng)
 
 
 @pytest.fixture
 def coco_mock():
-  with tfds.testing.mock_data(as_dataset_fn=_consistent_as_dataset(_coco_examples),
-                              policy=tfds.testing.MockPolicy.USE_CODE):
+  with mock_tfds.mock_coco(_coco_examples):
     yield
 
 
 @pytest.fixture
 def city_mock(tmp_path):
-  manual_dir = tmp_path / "manual"
-  manual_dir.mkdir()
-  for name in decoders.CITYSCAPES_MANUAL_FILES:
-    (manual_dir / name).write_bytes(b"")  # The mocked builder never opens them; the pipeline checks they exist.
-  with tfds.testing.mock_data(as_dataset_fn=_consistent_as_dataset(_city_examples),
-                              policy=tfds.testing.MockPolicy.USE_CODE):
-    yield str(manual_dir)
+  with mock_tfds.mock_cityscapes(str(tmp_path / "manual")) as manual_dir:
+    yield manual_dir
 
 
 def _coco(training, **kwargs):
@@ -199,7 +145,7 @@ def test_cityscapes_eval_maps_label_ids_and_pads_with_ignore(city_mock):
   np.testing.assert_allclose(labels["scale"], 96 / 2048)
   mask = labels["mask"]
   assert np.all(mask[:, 48:] == 255) and np.all(images[:, 48:] == 0)
-  expected = decoders.cityscapes_train_ids(_city_label_ids()[:, :, 0]).numpy()
+  expected = decoders.cityscapes_train_ids(mock_tfds.cityscapes_label_ids()[:, :, 0]).numpy()
   resized = tf.image.resize(expected[None, :, :, None], (48, 96), method="nearest").numpy()[0, :, :, 0]
   np.testing.assert_array_equal(mask[0, :48], resized)
   assert set(np.unique(mask)) <= set(range(19)) | {255}
@@ -233,7 +179,7 @@ def test_cityscapes_needs_manual_dir(tmp_path, files):
     for name in files:
       (manual_dir / name).write_bytes(b"")
   # Even under mock_data (which makes download_and_prepare a no-op) an unprepared Cityscapes needs manual_dir.
-  with tfds.testing.mock_data(as_dataset_fn=_consistent_as_dataset(_city_examples),
+  with tfds.testing.mock_data(as_dataset_fn=mock_tfds.consistent_as_dataset(mock_tfds.cityscapes_examples),
                               policy=tfds.testing.MockPolicy.USE_CODE):
     with pytest.raises(ValueError, match=r"manual_dir.*gtFine_trainvaltest.zip"):
       pipeline.build_dataset(dataset="cityscapes", task="segmentation", split="train", training=True,
@@ -277,8 +223,8 @@ def test_evaluation_over_two_input_pipelines_sees_every_example_once(dataset, co
   for name in decoders.CITYSCAPES_MANUAL_FILES:
     (manual_dir / name).write_bytes(b"")
   task = "detection" if dataset == "coco/2017" else "segmentation"
-  examples = _coco_examples if dataset == "coco/2017" else _city_examples
-  with tfds.testing.mock_data(as_dataset_fn=_consistent_as_dataset(examples),
+  examples = _coco_examples if dataset == "coco/2017" else mock_tfds.cityscapes_examples
+  with tfds.testing.mock_data(as_dataset_fn=mock_tfds.consistent_as_dataset(examples),
                               policy=tfds.testing.MockPolicy.USE_CODE):
     first, second, alone = _ids_by_pipeline(lambda context: pipeline.build_dataset(
         dataset=dataset, task=task, split="validation", training=False, image_size=(32, 48), global_batch_size=2,
