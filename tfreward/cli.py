@@ -14,6 +14,7 @@ Errors a user can fix (a bad config key, a missing dataset) print one line and e
 """
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -32,6 +33,9 @@ def _parser():
                      "(default: runs/<config name>)")
   train.add_argument("--no-eval", action="store_true", help="skip evaluation during training")
   train.add_argument("--export", action="store_true", help="export a SavedModel after training")
+  train.add_argument("--overwrite", action="store_true",
+                     help="clear the run already in --model-dir (config, checkpoints, backup, logs, weights, "
+                          "metrics, export) and train from scratch")
   train.add_argument("--workers", default=None, metavar="HOST:PORT,HOST:PORT",
                      help="train on several worker processes (runtime.strategy multi_worker): every worker's "
                      "address, the same list on each; or set TF_CONFIG")
@@ -50,6 +54,10 @@ def _parser():
   export = sub.add_parser("export", help="export a trained model as a SavedModel for serving")
   export.add_argument("--model-dir", required=True)
   export.add_argument("--export-dir", default=None, help="default: <model-dir>/export")
+  for sub_parser in (train, export):
+    sub_parser.add_argument("--max-decoded-side", type=int, default=8192, metavar="PIXELS",
+                            help="the export's encoded-image signature refuses (valid_image False) images whose "
+                                 "header says they are larger than this on a side, before decoding (default 8192)")
 
   predict = sub.add_parser("predict", help="run an exported SavedModel on image files: PNGs with its predictions "
                            "drawn, and detections.json (COCO results format)")
@@ -88,7 +96,7 @@ def _parser():
   return parser
 
 
-def _export(config, model_dir, export_dir=None):
+def _export(config, model_dir, export_dir=None, max_decoded_side=8192):
   """Exports the trained model in `model_dir` as a SavedModel (default `<model_dir>/export`); returns its path."""
   from tfreward.export.saved_model import export_saved_model
   from tfreward.training import trainer
@@ -99,7 +107,8 @@ def _export(config, model_dir, export_dir=None):
     names, ids = spec.segmentation_class_names, None
   else:
     names, ids = spec.class_names, decoders.COCO_CATEGORY_IDS if spec.name.startswith("coco") else None
-  export_saved_model(trainer.load_trained_model(config, model_dir), export_dir, class_names=names, category_ids=ids)
+  export_saved_model(trainer.load_trained_model(config, model_dir), export_dir, class_names=names, category_ids=ids,
+                     max_decoded_side=max_decoded_side)
   return export_dir
 
 
@@ -150,7 +159,9 @@ def _train(args):
   from tfreward.training import trainer
   name = os.path.splitext(os.path.basename(args.config))[0]
   model_dir = args.model_dir or os.path.join("runs", name)
-  result = trainer.train(config, model_dir, evaluate=not args.no_eval)
+  result = trainer.train(config, model_dir, evaluate=not args.no_eval, overwrite=args.overwrite)
+  if result.already_complete:
+    print(f"{model_dir} already holds this config's finished run: nothing to train (--overwrite retrains it).")
   if result.metrics:
     print("evaluation:", ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
   if config.runtime.strategy == "multi_worker":
@@ -158,9 +169,53 @@ def _train(args):
   if not result.is_chief:
     print("worker done; the chief writes the model directory")
     return
-  if args.export:
-    print("exported to", _export(config, model_dir))
+  if args.export and not (result.already_complete and os.path.exists(os.path.join(model_dir, "export"))):
+    print("exported to", _export(config, model_dir, max_decoded_side=args.max_decoded_side))
   print("model directory:", model_dir)
+
+
+def _check_weights_fit(args, saved_config, config):
+  """ConfigError when `evaluate`'s --set overrides change the shapes of the model's weights, which then no longer
+  load from the run (the models are built only when an override touches the model, dataset, task or image size)."""
+  from tfreward.config import ConfigError
+  from tfreward.training import trainer
+
+  def shaping(c):
+    return c.model, trainer.dataset_spec(c).num_classes_for(c.data.task), tuple(c.data.image_size)
+
+  if shaping(saved_config) == shaping(config):
+    return
+  run, new = ([(w.path, tuple(w.shape)) for w in trainer.build_model(c, compile_model=False).weights]
+              for c in (saved_config, config))
+  if [shape for _, shape in run] == [shape for _, shape in new]:
+    return
+  diff = next((f"{path.split('/', 1)[-1]} is {b} instead of {a}" for (_, a), (path, b) in zip(run, new) if a != b),
+              f"{len(new)} weights instead of {len(run)}")
+  shaping_keys = ("model.", "data.dataset=", "data.task=", "data.image_size=")
+  culprits = [o for o in args.overrides if o.replace(" ", "").startswith(shaping_keys)] or args.overrides
+  raise ConfigError(f"the weights in {args.model_dir} do not fit the model of the overridden config "
+                    f"(--set {' --set '.join(culprits)}: {diff}); evaluate loads the run's trained weights, so "
+                    "override only keys that keep the model's shape, e.g. data.eval_split, data.data_dir, "
+                    "data.eval_batch_size, data.max_eval_examples or the model's score or NMS thresholds.")
+
+
+def _check_data_args(args):
+  """One-line errors for the arguments of `tfreward data build|preview`, each naming its flag."""
+  from tfreward.data import shapes
+  from tfreward.errors import UserError
+  if args.dataset not in shapes.dataset_names():
+    raise UserError(f"--dataset {args.dataset!r} is not a dataset the data command builds; choose one of "
+                    f"{', '.join(shapes.dataset_names())}.")
+  if args.data_command != "preview":
+    return
+  if args.split not in shapes.SPLIT_INDEX:
+    raise UserError(f"--split {args.split!r} is not a split of {args.dataset}; choose "
+                    f"{' or '.join(shapes.SPLIT_INDEX)}.")
+  if args.num_images < 1:
+    raise UserError(f"--num-images must be a positive number of images, got {args.num_images}.")
+  if os.path.isdir(args.out):
+    raise UserError(f"--out {args.out!r} is a directory; pass a PNG file path such as "
+                    f"{os.path.join(args.out, 'preview.png')}.")
 
 
 def _run(args):
@@ -169,8 +224,10 @@ def _run(args):
     _train(args)
   elif args.command == "evaluate":
     from tfreward.training import trainer
-    config = load_config(trainer.saved_config_dict(args.model_dir), args.overrides)
+    saved = trainer.saved_config_dict(args.model_dir)
+    config = load_config(copy.deepcopy(saved), args.overrides)
     if args.saved_model is None:
+      _check_weights_fit(args, load_config(saved), config)
       results = trainer.evaluate(config, args.model_dir)
     else:
       results = _evaluate_saved_model(config, args.saved_model or os.path.join(args.model_dir, "export"))
@@ -178,7 +235,7 @@ def _run(args):
   elif args.command == "export":
     from tfreward.training import trainer
     config = load_config(trainer.saved_config_dict(args.model_dir))
-    print("exported to", _export(config, args.model_dir, args.export_dir))
+    print("exported to", _export(config, args.model_dir, args.export_dir, args.max_decoded_side))
   elif args.command == "predict":
     from tfreward.export.predict import predict_files
     report = predict_files(args.saved_model, args.images, args.out, score_threshold=args.score_threshold)
@@ -204,6 +261,7 @@ def _run(args):
       print(segmentation_error_table(args.model_dirs, args.labels))
   elif args.command == "data":
     from tfreward.data import shapes
+    _check_data_args(args)
     if args.data_command == "build":
       builder = shapes.ensure_built(args.dataset, args.data_dir)
       print(f"{args.dataset} ready in {builder.data_dir}")
@@ -222,8 +280,8 @@ def main(argv=None):
   from tfreward.errors import UserError
   try:
     _run(args)
-  except (UserError, FileNotFoundError) as e:
-    print(f"tfreward: error: {e}", file=sys.stderr)
+  except (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    print(f"tfreward: error: {' '.join(str(e).split())}", file=sys.stderr)  # One line, whatever the message.
     return 2
   return 0
 

@@ -11,13 +11,16 @@ Overrides use dotted keys: `--set train.optimizer.learning_rate=0.01`.
 """
 
 import dataclasses
+import glob
+import os
+import re
 import types
 import typing
 from typing import Any, Optional
 
 import yaml
 
-from tfreward.errors import ConfigError  # noqa: F401  (re-exported: the config module's error)
+from tfreward.errors import ConfigError, DatasetError  # ConfigError is re-exported: the config module's error
 
 # The choice lists of the config, each spelled here once (the strategy resolver and the pipelines import them).
 TASKS = ("detection", "segmentation")
@@ -26,6 +29,8 @@ COMMUNICATIONS = ("auto", "ring", "nccl")  # multi_worker all-reduce
 INPUT_SHARDINGS = ("auto", "file", "example")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
+# A number with an exponent: YAML 1.1 (PyYAML) reads 1e-3 or 1.0e3 as strings, they need a dot and a signed exponent.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclasses.dataclass
@@ -155,6 +160,8 @@ def _coerce(value, tp, path):
       raise ConfigError(f"{path}: expected an integer, got {value!r}.")
     return value
   if tp is float:
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+      return float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{path}: expected a number, got {value!r}.")
     return float(value)
@@ -198,7 +205,11 @@ def _parse_override(text):
   if "=" not in text:
     raise ConfigError(f"override {text!r} must look like key.path=value, e.g. train.epochs=3.")
   key, raw = text.split("=", 1)
-  return key.strip().split("."), yaml.safe_load(raw)
+  try:
+    return key.strip().split("."), yaml.safe_load(raw)
+  except yaml.YAMLError as e:
+    raise ConfigError(f"override {text!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}); quote "
+                      "it or close its brackets, e.g. data.image_size=[64,64].") from None
 
 
 def apply_overrides(raw, overrides):
@@ -245,14 +256,58 @@ def validate(config):
   if not 0 < d.augment.scale_min <= d.augment.scale_max:
     raise ConfigError(f"data.augment needs 0 < scale_min <= scale_max, got "
                       f"{d.augment.scale_min}, {d.augment.scale_max}.")
+  if d.max_eval_examples is not None and d.max_eval_examples <= 0:
+    raise ConfigError(f"data.max_eval_examples must be null (every example) or positive, got {d.max_eval_examples}.")
   if t.epochs <= 0 or t.steps_per_epoch <= 0 or t.steps_per_execution <= 0:
     raise ConfigError("train.epochs, train.steps_per_epoch and train.steps_per_execution must be positive.")
+  if t.eval_every_epochs <= 0:
+    raise ConfigError(f"train.eval_every_epochs must be positive (evaluate every N epochs; the final weights are "
+                      f"evaluated anyway), got {t.eval_every_epochs}; to train without evaluating, pass --no-eval.")
   _check_choice("train.optimizer.name", t.optimizer.name, OPTIMIZERS)
   _check_choice("train.optimizer.schedule", t.optimizer.schedule, SCHEDULES)
   _check_choice("runtime.strategy", config.runtime.strategy, STRATEGY_NAMES)
   _check_choice("runtime.communication", config.runtime.communication, COMMUNICATIONS)
   _check_choice("data.input_sharding", d.input_sharding, INPUT_SHARDINGS)
+  _check_dataset(d)
   return config
+
+
+def _check_dataset(d):
+  """data.dataset is known and data.train_split / data.eval_split name its splits (before anything is written)."""
+  from tfreward.data import decoders  # Lazy: the datasets' metadata imports TensorFlow.
+  try:
+    spec = decoders.get_spec(d.dataset)
+  except DatasetError as e:  # "unknown dataset ...; known datasets: ..."
+    raise ConfigError(f"data.dataset: {e}") from None
+  try:
+    for key in ("train_split", "eval_split"):
+      decoders.check_split(spec, getattr(d, key), f"data.{key}")
+  except DatasetError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _read_yaml(path):
+  """The YAML mapping in file `path`; a ConfigError naming the file (and line) when it cannot be read."""
+  try:
+    with open(path) as f:
+      raw = yaml.safe_load(f) or {}
+  except FileNotFoundError:
+    raise ConfigError(f"config file {path!r} does not exist.") from None
+  except IsADirectoryError:
+    found = sorted(glob.glob(os.path.join(path, "**", "*.yaml"), recursive=True))
+    hint = f", e.g. {found[0]}" if found else ""
+    raise ConfigError(f"config path {path!r} is a directory; pass a YAML config file{hint}.") from None
+  except yaml.MarkedYAMLError as e:
+    mark = e.problem_mark or e.context_mark
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    raise ConfigError(f"{path}{where}: invalid YAML: {e.problem or e.context}; fix the syntax there (indentation, "
+                      "a missing ':' or an unclosed bracket or quote).") from None
+  except (yaml.YAMLError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path} is not a YAML text file ({' '.join(str(e).split())}); pass a config such as "
+                      "configs/shapes/toy_detector.yaml.") from None
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{path}: a config file must be a YAML mapping (model:, data:, train:, runtime:).")
+  return raw
 
 
 def load_config(path_or_dict, overrides=()):
@@ -260,13 +315,7 @@ def load_config(path_or_dict, overrides=()):
   if isinstance(path_or_dict, dict):
     raw = dict(path_or_dict)
   else:
-    try:
-      with open(path_or_dict) as f:
-        raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-      raise ConfigError(f"config file {path_or_dict!r} does not exist.") from None
-    if not isinstance(raw, dict):
-      raise ConfigError(f"{path_or_dict}: a config file must be a YAML mapping.")
+    raw = _read_yaml(path_or_dict)
   raw = apply_overrides(raw, overrides)
   raw = _split_model_section(raw)
   return validate(from_dict(ExperimentConfig, raw))

@@ -1,5 +1,6 @@
 """`tfreward predict` on image files with exported models of known outputs (tfreward.testing's bright-box models):
-the drawn PNGs, detections.json in COCO results format, segmentation overlays, and unreadable files skipped."""
+the drawn PNGs, detections.json in COCO results format, segmentation overlays, and the files the served model refuses
+(unreadable, or too large by their header) skipped by name."""
 
 import json
 
@@ -36,7 +37,7 @@ def exports(tmp_path_factory):
 
 
 @pytest.fixture
-def images(tmp_path):
+def images(tmp_path, huge_png):
   folder = tmp_path / "in"
   folder.mkdir()
   (folder / "a.png").write_bytes(tf.io.encode_png(IMAGE_A).numpy())
@@ -45,7 +46,14 @@ def images(tmp_path):
   (folder / "broken.png").write_bytes(png[: len(png) // 2])  # truncated
   (folder / "empty.jpg").write_bytes(b"")
   (folder / "notes.txt").write_text("not an image")
+  (folder / "huge.png").write_bytes(huge_png)  # 20000 x 20000
   return folder
+
+
+def _skipped(stderr):
+  """{file name: reason} of the "skipped PATH: REASON" lines."""
+  lines = [line[len("skipped "):].split(": ", 1) for line in stderr.splitlines() if line.startswith("skipped ")]
+  return {path.rsplit("/", 1)[-1]: reason for path, reason in lines}
 
 
 def _predict(capsys, export_dir, *inputs, out, threshold="0.3"):
@@ -61,14 +69,18 @@ def test_detections_drawn_and_listed_in_coco_format(exports, images, tmp_path, c
                                   images / "empty.jpg", images / "notes.txt", out=out)
   assert code == 0
   skipped = sorted(line.split(":")[0] for line in stderr.splitlines() if line.startswith("skipped "))
-  assert skipped == [f"skipped {images / name}" for name in ("broken.png", "empty.jpg", "notes.txt")]
-  assert "not a readable image" in stderr and "{{" not in stderr and "[Op:" not in stderr  # the cause, in one line
+  assert skipped == [f"skipped {images / name}" for name in ("broken.png", "empty.jpg", "huge.png", "notes.txt")]
+  reasons = _skipped(stderr)
+  assert reasons["broken.png"].startswith("not a readable image (") and reasons["empty.jpg"] == "an empty file"
+  assert reasons["notes.txt"] == "not a readable image (not JPEG, PNG, GIF, BMP or WebP)"
+  assert reasons["huge.png"] == "too large to serve (20000 x 20000 px; the export decodes at most 8192 px a side)"
+  assert "{{" not in stderr and "[Op:" not in stderr  # the cause, in one line
   assert "wrote 2 image(s)" in stdout and "ms per image" in stdout
   assert sorted(p.name for p in out.iterdir()) == ["a.png", "b.png", "detections.json"]
   detections = json.loads((out / "detections.json").read_text())
   # Threshold 0.3: the bright box (class 1, score 0.5) of each image; the whole-canvas box (0.25) is left out.
   assert [(d["file_name"], d["image_id"], d["category_id"], d["category_name"]) for d in detections] == [
-      ("a.png", 1, 9, "bright"), ("b.jpg", 3, 9, "bright")]
+      ("a.png", 1, 9, "bright"), ("b.jpg", 4, 9, "bright")]  # inputs a, broken, huge (.png), b.jpg
   for detection, (y0, x0, y1, x1) in zip(detections, (RECT_A, RECT_B)):
     np.testing.assert_allclose(detection["bbox"], [x0, y0, x1 - x0, y1 - y0], atol=0.01)
     assert detection["score"] == pytest.approx(0.5)
@@ -84,8 +96,11 @@ def test_detections_drawn_and_listed_in_coco_format(exports, images, tmp_path, c
 
 def test_segmentation_overlay_and_label_map(exports, images, tmp_path, capsys):
   out = tmp_path / "seg"
-  code, _, _ = _predict(capsys, exports["segmenter"], images / "a.png", images / "b.jpg", out=out)
+  code, _, stderr = _predict(capsys, exports["segmenter"], images / "a.png", images / "huge.png", images / "b.jpg",
+                             images / "broken.png", out=out)
   assert code == 0
+  assert sorted(_skipped(stderr)) == ["broken.png", "huge.png"]
+  assert sorted(p.name for p in out.iterdir()) == ["a.labels.png", "a.png", "b.labels.png", "b.png"]
   labels = np.asarray(Image.open(out / "a.labels.png"))
   expected = np.zeros(IMAGE_A.shape[:2], np.uint8)
   y0, x0, y1, x1 = RECT_A
@@ -108,3 +123,19 @@ def test_errors_are_one_line(exports, images, tmp_path, capsys):
     assert code == 2 and err.strip().splitlines()[-1].startswith("tfreward: error:") and message in err, err
   code, _, err = _predict(capsys, exports["detector"], images / "a.png", out=tmp_path / "x", threshold="1.5")
   assert code == 2 and "--score-threshold must be in [0, 1]" in err
+
+
+def test_an_export_without_valid_image_is_checked_before_serving(exports, images, tmp_path, capsys):
+  """An export written before `valid_image` fails the whole call on a bad image: predict decodes each file first."""
+  loaded = tf.saved_model.load(exports["detector"])
+  serve = loaded.signatures["serve_encoded"]
+  module = tf.Module()
+  module.loaded = loaded
+  module.serve = tf.function(lambda encoded: {k: v for k, v in serve(encoded_images=encoded).items()
+                                              if k != "valid_image"},
+                             input_signature=[tf.TensorSpec([None], tf.string, name="encoded_images")])
+  old = str(tmp_path / "old")
+  tf.saved_model.save(module, old, signatures={"serve_encoded": module.serve.get_concrete_function()})
+  code, stdout, stderr = _predict(capsys, old, images / "a.png", images / "broken.png", out=tmp_path / "out")
+  assert code == 0 and "wrote 1 image(s)" in stdout
+  assert list(_skipped(stderr)) == ["broken.png"]

@@ -1,4 +1,5 @@
-"""Tests for tfreward.export.saved_model: export tiny models, then serve them from a fresh TensorFlow-only process."""
+"""Tests for tfreward.export.saved_model: export tiny models, then serve them from a fresh TensorFlow-only process,
+with good and bad images (empty, garbage, truncated, a PNG bomb) in one batch."""
 
 import json
 import os
@@ -18,13 +19,14 @@ from tfreward.testing import BrightBoxDetector, BrightSegmenter
 # Runs in a fresh interpreter where keras, tf_keras and tfreward cannot be imported (TensorFlow only); prints the
 # outputs of every signature as JSON.
 SERVE_SCRIPT = r"""
-import json, sys
+import json, resource, sys
 for blocked in ("keras", "tf_keras", "tfreward"):
   sys.modules[blocked] = None  # any import of them now fails
 import tensorflow as tf
 
 spec = json.loads(sys.argv[1])
-encoded = tf.stack([tf.io.read_file(p) for p in spec["encoded"]])
+read = lambda paths: tf.stack([tf.io.read_file(p) for p in paths])
+encoded = read(spec["encoded"])
 images = tf.stack([tf.io.decode_png(tf.io.read_file(p), channels=3) for p in spec["images"]])
 results = {}
 for name, export_dir in spec["exports"].items():
@@ -39,12 +41,13 @@ for name, export_dir in spec["exports"].items():
       "serve_encoded": run("serve_encoded", encoded_images=encoded),
       "serve_images": run("serve_images", images=images),
       "empty": run("serve_encoded", encoded_images=tf.zeros([0], tf.string)),
+      "too_big": run("serve_encoded", encoded_images=read([spec["too_big"]]))["valid_image"],
+      "alone": [run("serve_encoded", encoded_images=read([p])) for p in spec["alone"]],
   }
-  try:
-    run("serve_encoded", encoded_images=tf.stack([tf.io.read_file(spec["too_big"])]))
-    result["too_big"] = "accepted"
-  except tf.errors.InvalidArgumentError:
-    result["too_big"] = "rejected"
+  # The mixed batch holds a PNG that decodes to 1.2 GB: the peak memory must not grow by anything like that.
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  result["mixed"] = run("serve_encoded", encoded_images=read(spec["mixed"]))
+  result["mixed_peak_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
   results[name] = result
 print(json.dumps(results))
 """
@@ -65,24 +68,35 @@ IMAGE_B = rectangle_image((96, 48), RECT_B)
 IMAGE_C = rectangle_image((64, 128), RECT_C)
 
 
-def write_inputs(tmp_path):
+# The mixed batch: a good JPEG, five images that must be refused, a good PNG.
+MIXED = ("b.jpg", "empty.jpg", "garbage.png", "truncated.png", "truncated.jpg", "huge.png", "a.png")
+MIXED_VALID = [True, False, False, False, False, False, True]
+
+
+def write_inputs(tmp_path, huge_png):
   files = {"a.png": tf.io.encode_png(IMAGE_A), "b.jpg": tf.io.encode_jpeg(IMAGE_B, quality=100),
            "c.png": tf.io.encode_png(IMAGE_C), "big.png": tf.io.encode_png(np.zeros([64, 256, 3], np.uint8))}
+  files = {name: data.numpy() for name, data in files.items()}
+  files.update({"empty.jpg": b"", "garbage.png": b"\x89PNG garbage, not an image", "huge.png": huge_png,
+                # TF refuses a truncated JPEG (jpeg::Uncompress fails on its premature end), even one missing only EOI.
+                "truncated.png": files["a.png"][:len(files["a.png"]) // 2], "truncated.jpg": files["b.jpg"][:-2]})
   for name, data in files.items():
-    (tmp_path / name).write_bytes(data.numpy())
+    (tmp_path / name).write_bytes(data)
   return {"encoded": [str(tmp_path / "a.png"), str(tmp_path / "b.jpg")],
-          "images": [str(tmp_path / "a.png"), str(tmp_path / "c.png")], "too_big": str(tmp_path / "big.png")}
+          "images": [str(tmp_path / "a.png"), str(tmp_path / "c.png")], "too_big": str(tmp_path / "big.png"),
+          "mixed": [str(tmp_path / name) for name in MIXED],
+          "alone": [str(tmp_path / "b.jpg"), str(tmp_path / "a.png")]}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, huge_png):
   """Exports a detector and a segmenter, then serves both from one fresh TensorFlow-only process."""
   tmp_path = tmp_path_factory.mktemp("export")
   detector = BrightBoxDetector()
   detector.score_offset.assign(0.125)  # the exported scores must show the trained value
-  saved_model.export_saved_model(detector, tmp_path / "detector", max_image_size=200)
-  saved_model.export_saved_model(BrightSegmenter(), tmp_path / "segmenter", max_image_size=200)
-  spec = write_inputs(tmp_path)
+  saved_model.export_saved_model(detector, tmp_path / "detector", max_decoded_side=200)
+  saved_model.export_saved_model(BrightSegmenter(), tmp_path / "segmenter", max_decoded_side=200)
+  spec = write_inputs(tmp_path, huge_png)
   spec["exports"] = {"detector": str(tmp_path / "detector"), "segmenter": str(tmp_path / "segmenter")}
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
   proc = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, json.dumps(spec)],
@@ -94,7 +108,7 @@ def served(tmp_path_factory):
 def test_detection_export_serves_original_pixels(served):
   out = served["detector"]
   assert out["signatures"] == ["serve_encoded", "serve_images", "serving_default"]
-  assert out["too_big"] == "rejected"
+  assert out["too_big"] == [False]  # 64 x 256 > max_decoded_side=200
   expected = {
       "serve_encoded": ([64, 128], [96, 48], RECT_A, RECT_B),
       "serve_images": ([64, 128], [64, 128], RECT_A, RECT_C),
@@ -103,6 +117,7 @@ def test_detection_export_serves_original_pixels(served):
     hw_0, hw_1, rect_0, rect_1 = expected["serve_encoded" if signature == "serving_default" else signature]
     result = out[signature]
     assert result["image_hw"] == [hw_0, hw_1]
+    assert result["valid_image"] == [True, True]
     assert result["num_detections"] == [2, 2]
     np.testing.assert_allclose(result["scores"], [[0.625, 0.375, 0.0]] * 2)
     assert result["classes"] == [[1, 0, -1]] * 2
@@ -114,12 +129,28 @@ def test_detection_export_serves_original_pixels(served):
     np.testing.assert_array_equal(boxes[:, 2], 0.0)  # padding
   empty = out["empty"]
   assert np.array(empty["boxes"]).size == 0 and empty["num_detections"] == [] and empty["image_hw"] == []
+  assert empty["valid_image"] == []
+
+
+def test_detection_bad_images_refused_one_by_one(served):
+  out = served["detector"]
+  mixed, (jpeg, png) = out["mixed"], out["alone"]
+  assert mixed["valid_image"] == MIXED_VALID
+  for row, alone in ((0, jpeg), (6, png)):  # the good images: as served alone
+    assert alone["valid_image"] == [True]
+    for key in ("boxes", "scores", "classes", "num_detections", "image_hw"):
+      np.testing.assert_array_equal(mixed[key][row], alone[key][0], err_msg=key)
+  for row in range(1, 6):  # no detections
+    assert mixed["num_detections"][row] == 0 and mixed["image_hw"][row] == [0, 0]
+    assert mixed["classes"][row] == [-1] * 3 and mixed["scores"][row] == [0.0] * 3
+    np.testing.assert_array_equal(mixed["boxes"][row], 0.0)
+  assert out["mixed_peak_growth_mb"] < 300, out  # the PNG bomb (1.2 GB decoded) was never decoded
 
 
 def test_segmentation_export_serves_original_size_labels(served):
   out = served["segmenter"]
   assert out["signatures"] == ["serve_encoded", "serve_images", "serving_default"]
-  assert out["too_big"] == "rejected"
+  assert out["too_big"] == [False]
   masks = {name: (image[..., 0] > 127).astype(np.int32) for name, image in
            (("a", IMAGE_A), ("b", IMAGE_B), ("c", IMAGE_C))}
   for signature in ("serving_default", "serve_encoded"):
@@ -133,7 +164,24 @@ def test_segmentation_export_serves_original_size_labels(served):
   labels = np.array(out["serve_images"]["labels"])
   assert labels.shape == (2, 64, 128)
   np.testing.assert_array_equal(labels, np.stack([masks["a"], masks["c"]]))
+  assert out["serve_images"]["valid_image"] == [True, True]
   assert np.array(out["empty"]["labels"]).size == 0
+
+
+def test_segmentation_bad_images_refused_one_by_one(served):
+  out = served["segmenter"]
+  mixed, (jpeg, png) = out["mixed"], out["alone"]
+  assert mixed["valid_image"] == MIXED_VALID
+  labels = np.array(mixed["labels"])
+  assert labels.shape == (7, 96, 128)  # padded to the valid images' largest height and width
+  for row, alone in ((0, jpeg), (6, png)):
+    (height, width), = alone["image_hw"]
+    assert mixed["image_hw"][row] == [height, width]
+    np.testing.assert_array_equal(labels[row, :height, :width], np.array(alone["labels"])[0])
+  for row in range(1, 6):
+    assert mixed["image_hw"][row] == [0, 0]
+    np.testing.assert_array_equal(labels[row], -1)
+  assert out["mixed_peak_growth_mb"] < 300, out
 
 
 def test_labels_to_original_nearest_neighbour_on_an_inexact_scale():
@@ -153,13 +201,31 @@ def test_bad_arguments(tmp_path):
     saved_model.export_saved_model(keras.Sequential([keras.layers.Dense(1)]), tmp_path / "x")
   with pytest.raises(ValueError, match="task"):
     saved_model.export_saved_model(BrightBoxDetector(), tmp_path / "x", task="panoptic")
-  with pytest.raises(ValueError, match="max_image_size"):
-    saved_model.export_saved_model(BrightBoxDetector(), tmp_path / "x", max_image_size=0)
+  with pytest.raises(ValueError, match="max_decoded_side"):
+    saved_model.export_saved_model(BrightBoxDetector(), tmp_path / "x", max_decoded_side=0)
   model = BrightBoxDetector()
   model.image_size = (32, 0)
   with pytest.raises(ValueError, match="image_size"):
     saved_model.export_saved_model(model, tmp_path / "x")
   assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_weights_refused_before_writing(tmp_path):
+  model = BrightSegmenter()
+  model.threshold.assign(float("nan"))
+  message = r"refusing to export: 1 of the model's 1 weights hold NaN or Inf \(first: \S*threshold\)"
+  with pytest.raises(UserError, match=message) as err:
+    saved_model.export_saved_model(model, tmp_path / "x")
+  assert "diverged" in str(err.value) and "earlier checkpoint" in str(err.value) and "\n" not in str(err.value)
+  assert not (tmp_path / "x").exists()
+
+
+def test_max_decoded_side_moves_the_bound(tmp_path):
+  encoded = tf.constant([tf.io.encode_png(IMAGE_A).numpy()])  # 64 x 128
+  for side, valid in ((127, False), (128, True)):
+    module = saved_model.export_saved_model(BrightBoxDetector(), tmp_path / str(side), max_decoded_side=side)
+    assert module.serve_encoded(encoded)["valid_image"].numpy().tolist() == [valid]
+    assert tf.saved_model.load(str(tmp_path / str(side))).max_decoded_side.numpy() == side
 
 
 def test_served_detector_equals_the_model_on_canvases(served, tmp_path):

@@ -1,5 +1,5 @@
 """docs/serving.md against real exports: every family's shapes config exported (untrained), its `serving_default`
-signature as `saved_model_cli` prints it equal to the documented block, with the documented K."""
+signature as `saved_model_cli` prints it equal to the documented block, with the documented K; `show --all` works."""
 
 import os
 import re
@@ -43,3 +43,7 @@ def test_documented_signature_matches_the_export(name, tmp_path):
   k = CONFIGS[name]
   expected = segmentation_block if k is None else detection_block.replace("K", str(k))
   assert printed == expected
+  everything = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--all",
+                               "--dir", str(export_dir)], capture_output=True, text=True, check=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")).stdout
+  assert everything.count("outputs['valid_image']") == 3  # serving_default, serve_encoded, serve_images

@@ -15,6 +15,9 @@ feature connectors and returns the common dict:
 """
 
 import dataclasses
+import difflib
+import os
+import re
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -59,6 +62,7 @@ class DatasetSpec:
     segmentation_class_names: tuple of str. Names of the mask values 0..K-1 (empty without masks).
     ignore_index: int. Mask value of unlabelled and padded pixels. Defaults to 255.
     manual_files: tuple of str. Files a manual download must put in `manual_dir` (empty if none).
+    splits: tuple of str. The TFDS splits. Defaults to ("train", "validation").
   """
   name: str
   tfds_name: str
@@ -67,6 +71,7 @@ class DatasetSpec:
   segmentation_class_names: tuple = ()
   ignore_index: int = IGNORE_INDEX
   manual_files: tuple = ()
+  splits: tuple = ("train", "validation")
 
   @property
   def num_classes(self):
@@ -98,11 +103,11 @@ _SPECS = {
     "tfreward_shapes/256": lambda: _shapes_spec("tfreward_shapes/256"),
     "tfreward_shapes/test": lambda: _shapes_spec("tfreward_shapes/test"),  # 40 train / 10 validation, for tests
     "coco/2017": lambda: DatasetSpec(name="coco/2017", tfds_name="coco/2017", tasks=("detection",),
-                                     class_names=COCO_CLASS_NAMES),
+                                     class_names=COCO_CLASS_NAMES, splits=("train", "validation", "test")),
     "cityscapes": lambda: DatasetSpec(
         name="cityscapes", tfds_name="cityscapes/semantic_segmentation", tasks=("segmentation",),
         class_names=CITYSCAPES_CLASS_NAMES, segmentation_class_names=CITYSCAPES_CLASS_NAMES,
-        manual_files=CITYSCAPES_MANUAL_FILES),
+        manual_files=CITYSCAPES_MANUAL_FILES, splits=("train", "validation", "test")),
 }
 _ALIASES = {"cityscapes/semantic_segmentation": "cityscapes"}
 KNOWN_DATASETS = tuple(_SPECS)
@@ -114,6 +119,49 @@ def get_spec(dataset):
   if key not in _SPECS:
     raise DatasetError(f"unknown dataset {dataset!r}; known datasets: {', '.join(KNOWN_DATASETS)}.")
   return _SPECS[key]()
+
+
+def check_split(spec, split, key="split"):
+  """DatasetError naming `key` unless `split` is a TFDS split expression ("validation", "train[:10%]",
+  "train+validation") over `spec.splits` (or "all")."""
+  names = [re.match(r"\s*([^\[(\s]*)", part).group(1) for part in split.split("+")] if isinstance(split, str) else []
+  unknown = [name for name in names if name not in spec.splits + ("all",)]
+  if not names or unknown:
+    close = difflib.get_close_matches(unknown[0], spec.splits, n=1) if unknown else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise DatasetError(f"{key} {split!r} is not a split of {spec.name}{hint}; its splits are "
+                       f"{', '.join(spec.splits)}, and slices of them such as 'train[:10%]'.")
+  try:
+    tfds.core.ReadInstruction.from_spec(split)
+  except ValueError as e:
+    reason = str(e).strip().splitlines()[-1].split(". See format")[0]  # TFDS: a header line, then the reason.
+    raise DatasetError(f"{key} {split!r} is not a valid TFDS split ({reason}); write e.g. 'train', 'train[:10%]', "
+                       "'validation[:100]' or 'train+validation'.") from None
+
+
+def check_manual_dir(spec, data_dir, manual_dir):
+  """DatasetError unless `manual_dir` holds every file of `spec.manual_files` (Cityscapes' manual download)."""
+  present = set(tf.io.gfile.listdir(manual_dir)) if manual_dir and tf.io.gfile.isdir(manual_dir) else set()
+  missing = [f for f in spec.manual_files if f not in present]
+  if missing:
+    raise DatasetError(
+        f"{spec.name} is not prepared in data_dir {data_dir!r} and manual_dir {manual_dir!r} lacks "
+        f"{', '.join(missing)}: download {' and '.join(spec.manual_files)} from https://www.cityscapes-dataset.com "
+        f"(registration required), put them in one folder and pass it as manual_dir.")
+
+
+def unreadable_manual_file(spec, manual_dir, error):
+  """The DatasetError for `error`, TFDS' failure to extract a file of `manual_dir`: names the file and what
+  `spec` expects there."""
+  name = next((f for f in spec.manual_files if f in str(error)), None)
+  if name is None:
+    what = f"{spec.name}'s manual download in {manual_dir} could not be extracted ({' '.join(str(error).split())})"
+  else:
+    path = os.path.join(manual_dir, name)
+    size = tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else None
+    what = f"manual_dir file {path} is {'empty (0 bytes)' if size == 0 else 'not a readable zip archive'}"
+  return DatasetError(f"{what}: {spec.name} needs {' and '.join(spec.manual_files)} as downloaded from "
+                      "https://www.cityscapes-dataset.com (registration required); download the file again.")
 
 
 def skip_decoding(spec):

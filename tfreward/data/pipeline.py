@@ -6,7 +6,9 @@ Each element is `(images, labels)` for one replica:
   labels, detection:
     boxes:   [B, M, 4] float32 yxyx normalised to the padded canvas, 0 for padding.
     classes: [B, M] int32, 0-based, -1 for padding.
-    valid:   [B, M] bool, the training targets.
+    valid:   [B, M] bool, the training targets. Training drops boxes without extent (zero-area, inverted; see
+             `tfreward.data.augment`); evaluation keeps them valid, as COCO's evaluation counts them (the losses
+             treat a valid box without positive extent as padding).
     crowd:   [B, M] bool, evaluation only: COCO crowd regions, kept with valid=False and their real class (in
              training they are dropped; other datasets have none).
     M = `max_instances`: an image with more instances keeps the first M in dataset order (evaluation counts the
@@ -95,14 +97,11 @@ def _load_builder(spec, data_dir, manual_dir):
     return shapes.ensure_built(spec.tfds_name, data_dir)
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if spec.manual_files and not builder.is_prepared():
-    present = set(tf.io.gfile.listdir(manual_dir)) if manual_dir and tf.io.gfile.isdir(manual_dir) else set()
-    missing = [f for f in spec.manual_files if f not in present]
-    if missing:
-      raise DatasetError(
-          f"{spec.name} is not prepared in data_dir {data_dir!r} and manual_dir {manual_dir!r} lacks "
-          f"{', '.join(missing)}: download {' and '.join(spec.manual_files)} from https://www.cityscapes-dataset.com "
-          f"(registration required), put them in one folder and pass it as manual_dir.")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    decoders.check_manual_dir(spec, data_dir, manual_dir)
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except tfds.core.download.extractor.ExtractError as e:  # An empty, truncated or non-zip manual file.
+      raise decoders.unreadable_manual_file(spec, manual_dir, e) from None
   return builder
 
 
@@ -259,6 +258,7 @@ def build_dataset(*, dataset, task, split, training, image_size, global_batch_si
     A `tf.data.Dataset` of `(images, labels)` with fully static shapes, batch `B` = per-replica batch size.
   """
   spec = decoders.get_spec(dataset)
+  decoders.check_split(spec, split)
   num_replicas = input_context.num_replicas_in_sync if input_context else 1
   _check_arguments(spec, task, image_size, global_batch_size, max_instances, shuffle_buffer, scale_range,
                    max_examples, num_replicas)

@@ -131,6 +131,11 @@ class TfrewardShapes(tfds.core.GeneratorBasedBuilder):
       }
 
 
+def dataset_names():
+  """The names `ensure_built` accepts: "tfreward_shapes" and "tfreward_shapes/<config>" for each config."""
+  return [NAME] + [f"{NAME}/{c}" for c in TfrewardShapes.builder_configs]
+
+
 def parse_name(name):
   """"tfreward_shapes" or "tfreward_shapes/<config>" -> the config name ("128" for the bare name)."""
   if not isinstance(name, str):
@@ -138,8 +143,7 @@ def parse_name(name):
   dataset, slash, config = name.partition("/")
   config = config if slash else TfrewardShapes.DEFAULT_CONFIG_NAME
   if dataset != NAME or config not in TfrewardShapes.builder_configs:
-    choices = [NAME] + [f"{NAME}/{c}" for c in TfrewardShapes.builder_configs]
-    raise ValueError(f"name must be one of {choices}, got {name!r}.")
+    raise ValueError(f"name must be one of {dataset_names()}, got {name!r}.")
   return config
 
 

@@ -5,8 +5,9 @@ in its class colour and labelled "class score" (detection), or the label map ble
 a "background" class stays clear); segmentation also writes `<name>.labels.png`, the label ids as 8-bit grey.
 Detection writes `detections.json`, in COCO results format plus names: one entry per detection with `file_name`,
 `image_id` (the file's position in the input order, from 1), `category_id`, `category_name`, `bbox` [x, y, w, h] in
-the original image's pixels and `score`. Files that are not images, or that do not decode, are reported by name and
-skipped; the others still run.
+the original image's pixels and `score`. The served model checks each file (`valid_image`); a file it refuses (not an
+image, corrupt or truncated, or larger than the export's `max_decoded_side`) is reported by name with the reason,
+read from its header without decoding a large image, and skipped; the others still run.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from tfreward.data import preview
 from tfreward.errors import UserError
+from tfreward.export import decode
 
 
 @dataclasses.dataclass
@@ -55,17 +57,41 @@ def _load(export_dir):
   return loaded
 
 
+def _cause(error):
+  """"{{function_node ...}} Invalid PNG. Failed to initialize decoder. [Op:DecodeImage]" -> the middle part."""
+  first = error.message.splitlines()[0] if error.message else ""
+  return re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", first).strip() or type(error).__name__
+
+
 def _decodable(data):
   """The decoded RGB image [H, W, 3] uint8, or the reason it is not one."""
   try:
     image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    # "{{function_node ...}} Invalid PNG. Failed to initialize decoder. [Op:DecodeImage]" -> the middle part.
-    cause = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", (e.message or "").splitlines()[0] if e.message else "").strip()
-    return None, f"not a readable image ({cause or type(e).__name__})"
+    return None, f"not a readable image ({_cause(e)})"
   if image.shape[0] == 0 or image.shape[1] == 0:
     return None, "an empty image"
   return image, None
+
+
+_header_size = tf.function(decode.header_size, input_signature=[tf.TensorSpec([], tf.string)])
+
+
+def _refusal(data, max_side):
+  """Why the served model (exported with `max_decoded_side` = max_side, if known) refused `data`, in one line; decodes
+  only an image its header shows within the bound."""
+  if not data:
+    return "an empty file"
+  try:
+    fmt, (height, width), pixels = (t.numpy() for t in _header_size(tf.constant(data)))
+  except tf.errors.InvalidArgumentError as e:
+    return f"not a readable image ({_cause(e)})"
+  if fmt == decode.UNKNOWN:
+    return f"not a readable image (not {', '.join(decode.FORMATS[:-1])} or {decode.FORMATS[-1]})"
+  if max_side is not None and (max(height, width) > max_side or pixels > max_side ** 2):
+    frames = f", {pixels} pixels in all frames" if pixels > height * width else ""
+    return f"too large to serve ({height} x {width} px{frames}; the export decodes at most {max_side} px a side)"
+  return _decodable(data)[1] or "refused by the served model"
 
 
 def _class_name(class_names, label):
@@ -117,6 +143,8 @@ def predict_files(export_dir, patterns, out_dir, *, score_threshold=0.3, progres
   loaded = _load(export_dir)
   serve = loaded.signatures["serve_encoded"]
   detection = "boxes" in serve.structured_outputs
+  checks = "valid_image" in serve.structured_outputs  # an older export fails the whole call on a bad image instead
+  max_side = int(loaded.max_decoded_side.numpy()) if hasattr(loaded, "max_decoded_side") else None
   class_names, category_ids = _names(loaded)
   os.makedirs(out_dir, exist_ok=True)
   report, results, times, stems = PredictReport(written=[], skipped=[]), [], [], set()
@@ -126,13 +154,19 @@ def predict_files(export_dir, patterns, out_dir, *, score_threshold=0.3, progres
       bar.update(index - 1)
     with open(path, "rb") as f:
       data = f.read()
-    image, reason = _decodable(data)
-    if image is None:
+    image, reason = (None, None) if checks else _decodable(data)
+    if reason is None:
+      start = time.perf_counter()
+      out = {k: v.numpy()[0] for k, v in serve(encoded_images=tf.constant([data])).items()}
+      seconds = time.perf_counter() - start
+      if checks and not out["valid_image"]:
+        reason = _refusal(data, max_side)
+      elif image is None:
+        image, reason = _decodable(data)  # accepted by the model, so at most max_side a side
+    if reason is not None:
       report.skipped.append((path, reason))
       continue
-    start = time.perf_counter()
-    out = {k: v.numpy()[0] for k, v in serve(encoded_images=tf.constant([data])).items()}
-    times.append(time.perf_counter() - start)
+    times.append(seconds)
     stem = os.path.splitext(os.path.basename(path))[0]
     stem = f"{stem}_{index}" if stem in stems else stem  # a.jpg and a.png, or two folders' a.png
     stems.add(stem)

@@ -3,31 +3,43 @@
 Signatures (B = batch size; every image is resized keeping its aspect ratio and padded to the model's `image_size`
 with `transforms.resize_and_pad`, exactly like the input pipelines):
 
-  serving_default == serve_encoded(encoded_images: tf.string [B])   JPEG / PNG / GIF / BMP bytes, any sizes.
+  serving_default == serve_encoded(encoded_images: tf.string [B])   JPEG / PNG / GIF / BMP / WebP bytes, any sizes.
   serve_images(images: tf.uint8 [B, H, W, 3])                       one batch of same-size images, any size.
+
+`serve_encoded` decodes each image on its own (`decode.decode_bounded`): an image that is empty, corrupt, truncated,
+of another format, or larger than `max_decoded_side` on a side by its header (checked before decoding) gets
+`valid_image` False, no detections or an all -1 label map, and size (0, 0); the other images of the batch are
+answered as if they came alone.
 
 Detection models (with `detect`) output
   boxes:          float32 [B, K, 4] yxyx pixels of each ORIGINAL image, clipped to it;
   scores:         float32 [B, K];
   classes:        int32 [B, K], 0-based;
-  num_detections: int32 [B]; entries at and beyond it are padding (boxes 0, scores 0, classes -1);
-  image_hw:       int32 [B, 2] original height and width.
+  num_detections: int32 [B]; entries at and beyond it are padding (boxes 0, scores 0, classes -1); 0 for an invalid
+                  image;
+  image_hw:       int32 [B, 2] original height and width; (0, 0) for an invalid image;
+  valid_image:    bool [B]; always True with `serve_images`.
 Segmentation models (with `segment`) output
-  labels:   int32 [B, H_max, W_max]: each image's label map at its ORIGINAL size (nearest-neighbour from the canvas),
-            in the top-left corner, padded with -1 up to the largest height / width in the batch. With
-            `serve_images` (same-size batch) there is no padding: [B, H, W].
-  image_hw: int32 [B, 2] original sizes (crop `labels[b, :h, :w]`).
+  labels:      int32 [B, H_max, W_max]: each image's label map at its ORIGINAL size (nearest-neighbour from the
+               canvas), in the top-left corner, padded with -1 up to the largest height / width of the valid images
+               in the batch (all -1 for an invalid image). With `serve_images` (same-size batch) there is no
+               padding: [B, H, W].
+  image_hw:    int32 [B, 2] original sizes (crop `labels[b, :h, :w]`); (0, 0) for an invalid image;
+  valid_image: bool [B], as for detection.
 
-The exported graph needs only TensorFlow to load and run (`tf.saved_model.load(path).signatures[...]`).
-With `class_names`, the loaded object also carries `class_names` (tf.string [K]) and `category_ids` (int32 [K], the
-dataset's category id of each 0-based class: COCO's own ids, else class + 1) as variables, for `tfreward predict`.
+The exported graph needs only TensorFlow to load and run (`tf.saved_model.load(path).signatures[...]`). The loaded
+object carries `max_decoded_side` (int32 [], the bound it was exported with) and, with `class_names`, `class_names`
+(tf.string [K]) and `category_ids` (int32 [K], the dataset's category id of each 0-based class: COCO's own ids, else
+class + 1) as variables, for `tfreward predict`.
 """
 
 import tensorflow as tf
 
 from tfreward.config import TASKS
 from tfreward.data import transforms
-
+from tfreward.errors import check_int
+from tfreward.export import decode
+from tfreward.models.divergence import check_finite_weights
 
 
 def _infer_task(model, task):
@@ -53,37 +65,48 @@ def _check_image_size(model):
 
 
 class _Preprocessor:
-  """Raw images -> canvases [B, H, W, 3] float32, scales [B] float32 and original sizes [B, 2] int32."""
+  """Raw images -> canvases [B, H, W, 3] float32, scales [B] float32, original sizes [B, 2] int32, valid [B] bool."""
 
-  def __init__(self, image_size, max_image_size):
+  def __init__(self, image_size, max_decoded_side):
     self.image_size = image_size
-    self.max_image_size = max_image_size
+    self.max_decoded_side = max_decoded_side
 
   def _one(self, image):
-    """[h, w, 3] uint8 -> canvas, scale, image_hw, after the size check."""
+    """[h, w, 3] uint8 -> canvas, scale, image_hw."""
     image_hw = tf.shape(image)[:2]
-    checks = [tf.debugging.assert_positive(image_hw, message="empty image")]
-    if self.max_image_size is not None:
-      checks.append(tf.debugging.assert_less_equal(
-          image_hw, self.max_image_size, message=f"image larger than max_image_size={self.max_image_size}"))
-    with tf.control_dependencies(checks):
+    with tf.control_dependencies([tf.debugging.assert_positive(image_hw, message="empty image")]):
       canvas, scale = transforms.resize_and_pad(image, self.image_size)
-    canvas = tf.ensure_shape(canvas, [*self.image_size, 3])
-    return canvas, scale, image_hw
-
-  def _map(self, fn, elems):
-    spec = (tf.TensorSpec([*self.image_size, 3], tf.float32), tf.TensorSpec([], tf.float32),
-            tf.TensorSpec([2], tf.int32))
-    return tf.map_fn(fn, elems, fn_output_signature=spec)
+    return tf.ensure_shape(canvas, [*self.image_size, 3]), scale, image_hw
 
   def from_encoded(self, encoded_images):
-    def decode(encoded):
-      image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
-      return self._one(image)
-    return self._map(decode, encoded_images)
+    """Each image decoded on its own (`decode.decode_bounded`); one that fails gets valid False, a zero canvas, scale
+    0 and size (0, 0). A tf.data pipeline drops the failures (`ignore_errors`), the survivors keep their index."""
+    batch = tf.shape(encoded_images)[0]
+
+    def one(index, encoded):
+      return (index, *self._one(decode.decode_bounded(encoded, self.max_decoded_side)))
+
+    decoded = tf.data.Dataset.from_tensor_slices((tf.range(batch), encoded_images)).map(one).ignore_errors()
+    # A sentinel with index B makes the batch non-empty (B = 0, or every image failed); its row is dropped below.
+    sentinel = tf.data.Dataset.from_tensors(
+        (batch, tf.zeros([*self.image_size, 3]), tf.constant(0.0), tf.zeros([2], tf.int32)))
+    options = tf.data.Options()
+    options.experimental_optimization.map_parallelization = False  # one decoded image in memory at a time
+    index, canvases, scales, image_hw = decoded.concatenate(sentinel).batch(
+        tf.cast(batch + 1, tf.int64)).with_options(options).get_single_element()
+
+    def scatter(values):  # survivors' rows -> [B, ...], zeros for the images that failed
+      shape = tf.concat([[batch + 1], tf.shape(values)[1:]], 0)
+      return tf.scatter_nd(index[:, None], values, shape)[:batch]
+
+    valid = scatter(tf.ones_like(index)) > 0
+    return scatter(canvases), scatter(scales), scatter(image_hw), valid
 
   def from_images(self, images):
-    return self._map(self._one, images)
+    spec = (tf.TensorSpec([*self.image_size, 3], tf.float32), tf.TensorSpec([], tf.float32),
+            tf.TensorSpec([2], tf.int32))
+    canvases, scales, image_hw = tf.map_fn(self._one, images, fn_output_signature=spec)
+    return canvases, scales, image_hw, tf.ones([tf.shape(images)[0]], tf.bool)
 
 
 def _labels_to_original(labels, scale, image_hw, image_size):
@@ -120,10 +143,10 @@ def _labels_to_original(labels, scale, image_hw, image_size):
   return tf.where(inside, gathered, -1)
 
 
-def _detection_outputs(model, image_size, canvases, scales, image_hw):
+def _detection_outputs(model, image_size, canvases, scales, image_hw, valid):
   detections = model.detect(canvases)
   boxes = tf.cast(detections["boxes"], tf.float32)  # [B, K, 4]
-  num = tf.cast(detections["num_detections"], tf.int32)  # [B]
+  num = tf.where(valid, tf.cast(detections["num_detections"], tf.int32), 0)  # [B]
   keep = tf.range(tf.shape(boxes)[1])[None, :] < num[:, None]  # [B, K]
   boxes = transforms.canvas_boxes_to_original_pixels(boxes, scales, image_size, image_hw)
   return {
@@ -132,23 +155,28 @@ def _detection_outputs(model, image_size, canvases, scales, image_hw):
       "classes": tf.where(keep, tf.cast(detections["classes"], tf.int32), -1),
       "num_detections": num,
       "image_hw": image_hw,
+      "valid_image": valid,
   }
 
 
-def _segmentation_outputs(model, image_size, canvases, scales, image_hw):
-  labels = model.segment(canvases)["labels"]  # [B, H, W]
-  return {"labels": _labels_to_original(labels, scales, image_hw, image_size), "image_hw": image_hw}
+def _segmentation_outputs(model, image_size, canvases, scales, image_hw, valid):
+  labels = _labels_to_original(model.segment(canvases)["labels"], scales, image_hw, image_size)  # [B, H, W]
+  return {"labels": tf.where(valid[:, None, None], labels, -1), "image_hw": image_hw, "valid_image": valid}
 
 
-def export_saved_model(model, export_dir, *, max_image_size=None, task=None, class_names=None, category_ids=None):
+def export_saved_model(model, export_dir, *, max_decoded_side=decode.DEFAULT_MAX_DECODED_SIDE, task=None,
+                       class_names=None, category_ids=None):
   """Writes `model` as a SavedModel with the `serving_default`, `serve_encoded` and `serve_images` signatures.
 
   Args:
     model: keras.Model with `image_size` (H, W) and either `detect(images)` (detection) or `segment(images)`
-      (segmentation), taking float32 [B, H, W, 3] images in 0..255 (see the module docstring for the outputs).
+      (segmentation), taking float32 [B, H, W, 3] images in 0..255 (see the module docstring for the outputs). Every
+      variable must be finite (a UserError otherwise, before anything is written).
     export_dir: str or path-like. Output directory.
-    max_image_size: optional int. Largest accepted height or width of an input image; a larger one fails the call
-      with InvalidArgumentError (bounds the memory an untrusted request can take). Defaults to None (no limit).
+    max_decoded_side: int. Largest height or width, in pixels, of an image `serve_encoded` decodes; a larger one (by
+      its header, before decoding) gets `valid_image` False. Bounds the memory one request can take: about
+      3 * max_decoded_side**2 bytes per image decoded, one at a time. Defaults to 8192. (`serve_images` takes
+      images already decoded by the caller: no bound.)
     task: optional "detection" or "segmentation"; inferred from the model's methods by default.
     class_names: optional sequence of str, the name of each 0-based class (of each label value for segmentation).
     category_ids: optional sequence of int, one per class name (defaults to class + 1).
@@ -158,10 +186,9 @@ def export_saved_model(model, export_dir, *, max_image_size=None, task=None, cla
   """
   task = _infer_task(model, task)
   image_size = _check_image_size(model)
-  if max_image_size is not None and (isinstance(max_image_size, bool) or not isinstance(max_image_size, int)
-                                     or max_image_size < 1):
-    raise ValueError(f"max_image_size must be a positive int or None, got {max_image_size!r}.")
-  preprocess = _Preprocessor(image_size, max_image_size)
+  check_int("max_decoded_side", max_decoded_side)
+  check_finite_weights(model, "export")
+  preprocess = _Preprocessor(image_size, max_decoded_side)
   outputs = _detection_outputs if task == "detection" else _segmentation_outputs
 
   def serve_encoded(encoded_images):
@@ -173,6 +200,7 @@ def export_saved_model(model, export_dir, *, max_image_size=None, task=None, cla
   module = tf.Module()
   # As keras.export.ExportArchive does: the variables in lists on the saved object, the Keras model itself untracked.
   module.model_variables = list(model.variables)
+  module.max_decoded_side = tf.Variable(max_decoded_side, dtype=tf.int32, trainable=False, name="max_decoded_side")
   if class_names is not None:
     class_names = [str(name) for name in class_names]
     category_ids = list(range(1, len(class_names) + 1)) if category_ids is None else [int(i) for i in category_ids]

@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from tfreward.config import from_dict
 from tfreward.errors import check_int
+from tfreward.models.divergence import DivergenceMonitor
 from tfreward.ops import distributed
 
 
@@ -84,6 +85,7 @@ class TaskModel(keras.Model):
     names = ("loss",) + tuple(n for n in self.log_names if n != "loss")
     self._trackers = {n: keras.metrics.Mean(name=n) for n in names}
     self.stat_trackers = {n: keras.metrics.Mean(name=n) for n in self.statistic_names}
+    self.divergence_monitor = DivergenceMonitor(names)
 
   @classmethod
   def parse_options(cls, options):
@@ -207,6 +209,8 @@ class TaskModel(keras.Model):
   def train_step(self, data):
     images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
     grads, total, terms = self.compute_gradients(images, labels)
+    monitored = [total] + [terms[name] for name in self._trackers if name != "loss"]
+    self.divergence_monitor.update_state(self.optimizer.iterations, monitored, grads)
     self.apply_gradients(self.clip_gradients(grads))
     return self._log(total, terms)
 

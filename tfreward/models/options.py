@@ -31,10 +31,15 @@ def check_number(name, value, minimum=None, *, allow_none=False):
 
 
 def check_image_size_multiple(image_size, multiple, family):
-  """Raises ValueError unless both sides of `image_size` (the config's data.image_size) are multiples of
-  `multiple` (the coarsest stride of `family`'s feature pyramid)."""
-  if any(int(s) % multiple for s in image_size):
-    raise ValueError(f"data.image_size must be multiples of {multiple} for {family}, got {list(image_size)!r}.")
+  """Raises ConfigError unless both sides of `image_size` (the config's data.image_size) are multiples of
+  `multiple` (the coarsest stride of `family`'s feature pyramid); the message suggests the nearest valid sizes."""
+  size = [int(s) for s in image_size]
+  if any(s % multiple for s in size):
+    down = [s // multiple * multiple for s in size]
+    up = [-(-s // multiple) * multiple for s in size]
+    nearest = f"{down} or {up}" if min(down) > 0 else f"{up}"
+    raise ConfigError(f"data.image_size must be multiples of {multiple} for {family}, got {size}; the nearest valid "
+                      f"sizes are {nearest}.")
 
 
 def check_backbone_weights(weights, backbone):

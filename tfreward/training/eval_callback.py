@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfreward.errors import check_int
+from tfreward.models.divergence import NonFiniteError, check_finite_weights
 from tfreward.training import coco_eval
 from tfreward.training import metrics
 
@@ -55,6 +56,8 @@ class _EvalCallback(keras.callbacks.Callback):
     """The model's inference method wrapped in a tf.function, built once per model (one trace per input shape)."""
     if not hasattr(model, self._method) or not hasattr(model, "image_size"):
       raise ValueError(f"model must have `image_size` and a `{self._method}(images)` method, got {model!r}.")
+    if isinstance(model, keras.Model):
+      check_finite_weights(model, "evaluate")
     if self._fn_model is not model:
       method = getattr(model, self._method)
       self._fn = tf.function(lambda images: method(images), jit_compile=self.jit_compile)
@@ -119,8 +122,13 @@ class CocoEvalCallback(_EvalCallback):
     detect = self._inference_fn(model)
     self.evaluator = coco_eval.CocoDetectionEvaluator(
         image_size=tuple(model.image_size), num_classes=self.num_classes, class_names=self.class_names)
-    for images, labels in self._batches():
-      self.evaluator.update(detect(images), labels)
+    for step, (images, labels) in enumerate(self._batches()):
+      detections = detect(images)
+      for key in ("boxes", "scores"):
+        if not np.all(np.isfinite(detections[key])):
+          raise NonFiniteError(f"refusing to score detections with NaN or Inf {key} (evaluation batch {step}): the "
+                               "model's outputs are non-finite; its run diverged or its inputs are broken.")
+      self.evaluator.update(detections, labels)
     return self.evaluator.result()
 
   def per_class_ap(self):

@@ -27,12 +27,15 @@ import yaml
 
 from tfreward import strategy as strategies, registry
 from tfreward.config import ConfigError, to_dict
+from tfreward.errors import UserError
+from tfreward.training import divergence
+from tfreward.training import existing_run
 from tfreward.training import multi_worker
 from tfreward.training import recipes
 from tfreward.training import runtime_record
 from tfreward.training.optimizers import build_optimizer
 
-FINAL_WEIGHTS = "final.weights.h5"
+FINAL_WEIGHTS = existing_run.FINAL_WEIGHTS
 LATEST_WEIGHTS = os.path.join("checkpoints", "latest.weights.h5")
 
 
@@ -42,6 +45,7 @@ class TrainResult:
   history: dict
   metrics: dict
   is_chief: bool = True  # False on the workers of a multi-worker run that write nothing
+  already_complete: bool = False  # the model dir held this config's finished run: nothing was trained
   weights_sha256: str = ""  # fingerprint of the final weights: equal on every worker
 
 
@@ -159,15 +163,25 @@ def _set_dataset_statistics(config, model):
   model.set_dataset_statistics({name: known[name]() for name in needed})
 
 
-def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto", strategy=None):
-  """Trains `config` into `model_dir` and returns a TrainResult. Resumes if `model_dir` holds a backup.
+def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto", strategy=None, overwrite=False):
+  """Trains `config` into `model_dir` and returns a TrainResult.
 
-  `strategy` overrides `config.runtime.strategy` (e.g. a MirroredStrategy over chosen devices).
+  If `model_dir` holds a run of the same config, resumes it from its backup, or returns it (`already_complete`,
+  its final weights and metrics) when it has finished; a run of another config there is a ConfigError
+  (`tfreward.training.existing_run`). `overwrite` first clears any run there. `strategy` overrides
+  `config.runtime.strategy` (e.g. a MirroredStrategy over chosen devices).
   """
   from tfreward.data import pipeline
   # The strategy first: multi_worker must be created before any other TensorFlow op.
   strategy = strategy or strategies.get_strategy(config.runtime.strategy, config.runtime.tpu_address,
                                                  config.runtime.communication)
+  chief = strategies.is_chief(strategy)
+  if overwrite and chief:
+    existing_run.clear(model_dir)
+  # Checked before anything is written; a worker told to overwrite may see the run the chief is clearing.
+  run_state = existing_run.NEW if overwrite and not chief else existing_run.state(config, model_dir)
+  if run_state == existing_run.COMPLETE:
+    return _completed_run(config, model_dir, chief)
   # Before seeding: generating the data on first use draws from the global random state, and would otherwise change
   # the initial weights (a run on freshly generated data then differed from one on existing data).
   pipeline.prepare_dataset(config.data.dataset, config.data.data_dir, config.data.manual_dir)
@@ -175,7 +189,7 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto", str
   spec = dataset_spec(config)
   check_global_batch(config, strategy.num_replicas_in_sync)
   # A resumed run's input starts after the batches trained before, so it sees the batches an uninterrupted one would.
-  start_epoch = multi_worker.backup_epoch(os.path.join(model_dir, "backup"))
+  start_epoch = multi_worker.restore_point(os.path.join(model_dir, "backup"), repair=chief)
   train_data = pipeline.distributed_dataset(strategy, **_data_kwargs(config, training=True),
                                             start_batch=start_epoch * config.train.steps_per_epoch)
   model = build_model(config, strategy, spec)
@@ -188,13 +202,24 @@ def train(config, model_dir, *, callbacks=(), evaluate=True, verbose="auto", str
       variable.assign(value)
     logging.info("Initialised weights from %s", config.train.init_checkpoint)
   _set_dataset_statistics(config, model)
-  chief = strategies.is_chief(strategy)
   out_dir = multi_worker.write_dir(model_dir, strategy)
   try:
     return _fit(config, model, train_data, model_dir, out_dir, callbacks=callbacks,
                 evaluate=evaluate and chief, chief=chief, verbose=verbose)
   finally:
     multi_worker.remove_write_dir(out_dir, model_dir)
+
+
+def _completed_run(config, model_dir, chief):
+  """The TrainResult of the finished run in `model_dir`: its final weights and last metrics, no history."""
+  model = load_trained_model(config, model_dir)
+  metrics_path = os.path.join(model_dir, "metrics.json")
+  metrics = {}
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      metrics = {k: float(v) for k, v in json.load(f).items() if "/" not in k}
+  return TrainResult(model=model, history={}, metrics=metrics, is_chief=chief,
+                     weights_sha256=multi_worker.weights_sha256(model), already_complete=True)
 
 
 def _fit(config, model, train_data, model_dir, out_dir, *, callbacks, evaluate, chief, verbose):
@@ -212,8 +237,10 @@ def _fit(config, model, train_data, model_dir, out_dir, *, callbacks, evaluate, 
       keras.callbacks.TensorBoard(log_dir, write_graph=False),
       *callbacks,
   ]
-  # The recipe's callbacks (e.g. EMA, reward statistics) go first, so evaluation and checkpoints see their effect.
-  all_callbacks = recipes.recipe_callbacks(model, standard, log_dir=log_dir) + standard
+  # The divergence guard goes first, so a non-finite step stops training before any callback sees its weights; then
+  # the recipe's callbacks (e.g. EMA, reward statistics), so evaluation and checkpoints see their effect.
+  all_callbacks = ([divergence.StopOnNonFinite(model_dir)] + recipes.recipe_callbacks(model, standard, log_dir=log_dir)
+                   + standard)
   # Our datasets shuffle themselves; Keras warns about its own `shuffle` default for every tf.data input.
   warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
   history = model.fit(train_data, epochs=config.train.epochs, steps_per_epoch=config.train.steps_per_epoch,
@@ -239,7 +266,12 @@ def load_trained_model(config, model_dir, *, weights=None):
     else:
       raise FileNotFoundError(f"{model_dir!r} holds no trained weights ({FINAL_WEIGHTS} or {LATEST_WEIGHTS}); "
                               "run `tfreward train` first.")
-  model.load_weights(weights)
+  try:
+    model.load_weights(weights)
+  except OSError as e:
+    raise UserError(f"{weights} is unreadable ({str(e).splitlines()[0]}): the file was cut short or is not a "
+                    "weights file. Rerun `tfreward train` with the same config to resume from the backup, or "
+                    "restore the file.") from e
   return model
 
 

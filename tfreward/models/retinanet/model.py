@@ -22,6 +22,7 @@ class; both feed a multi-label, class-aware NMS.
 
 import tensorflow as tf
 
+from tfreward.errors import ConfigError
 from tfreward.losses.free_anchor import free_anchor_loss
 from tfreward.losses.retinanet import retinanet_loss
 from tfreward.models import options as checks
@@ -54,8 +55,8 @@ class RetinaNet(TaskModel):
                                                       aspect_ratios=opts.aspect_ratios)
     total_anchors = num_anchors * sum(h * w for h, w in anchor_ops.feature_map_sizes(self.image_size))
     if opts.pre_anchor_topk > total_anchors:
-      raise ValueError(f"model.pre_anchor_topk must be at most the {total_anchors} anchors of data.image_size "
-                       f"{list(self.image_size)}, got {opts.pre_anchor_topk!r}.")
+      raise ConfigError(f"model.pre_anchor_topk must be at most the {total_anchors} anchors of data.image_size "
+                        f"{list(self.image_size)}, got {opts.pre_anchor_topk!r}; lower it or enlarge the images.")
     # === Layers ===
     self.backbone = ResNet(BACKBONES[opts.backbone], image_size=self.image_size, width=opts.backbone_width,
                            weights=opts.backbone_weights, sync_bn=opts.sync_bn, frozen_bn=opts.frozen_bn,
