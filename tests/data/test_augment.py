@@ -158,6 +158,31 @@ def test_random_scale_crop_empty_boxes():
   assert out_boxes.shape == (0, 4) and keep.shape == (0,) and out_mask.shape == (24, 24)
 
 
+def test_random_scale_crop_drops_degenerate_boxes_and_keeps_tiny_ones():
+  image, _, _ = _example()
+  boxes = np.array([[0.1, 0.1, 0.5, 0.5],  # fine
+                    [0.2, 0.3, 0.2, 0.6],  # zero height
+                    [0.2, 0.3, 0.2, 0.3],  # zero area
+                    [0.5, 0.3, 0.2, 0.6],  # inverted
+                    [0.2, 0.6, 0.4, 0.3],  # inverted
+                    [np.nan, 0.3, 0.4, 0.6],  # NaN
+                    [0.1, 0.3, 0.4, np.inf],  # not finite (clipping would hide it)
+                    [0.2, 0.3, 0.2 + 0.05 / H, 0.3 + 0.05 / W]], np.float32)  # 0.05 x 0.05 px: tiny, kept
+  for scale_range, hflip in (((1.0, 1.0), False), ((1.0, 1.0), True), ((0.5, 2.0), True)):
+    for seed in range(3):
+      b = tf.constant(boxes)
+      if hflip:
+        _, b, _ = augment.flip_left_right(image, b)
+      _, out_boxes, keep, _, scale = augment.random_scale_crop(image, b, output_hw=(H, W), scale_range=scale_range,
+                                                               seed=[seed, 7])
+      keep = keep.numpy()
+      assert not keep[1:7].any()
+      kept = out_boxes.numpy()[keep]
+      assert np.all(kept[:, 2:] > kept[:, :2])  # every kept box has a positive extent
+      if scale_range == (1.0, 1.0):
+        assert keep[0] and keep[7]
+
+
 @pytest.mark.parametrize("scale_range", [(0.0, 1.0), (1.2, 0.8), (-1.0, 2.0)])
 def test_random_scale_crop_rejects_bad_scale_range(scale_range):
   image, boxes, _ = _example()

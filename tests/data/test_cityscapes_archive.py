@@ -46,6 +46,7 @@ TRAIN_ID[list(decoders.CITYSCAPES_LABEL_TO_TRAIN_ID)] = list(decoders.CITYSCAPES
 _raw_labels = mock_tfds.cityscapes_raw_labels
 _image = mock_tfds.cityscapes_image
 _examples = mock_tfds.cityscapes_archive_examples
+_image_id = mock_tfds.cityscapes_image_id
 
 
 @pytest.fixture(scope="module")

@@ -339,3 +339,37 @@ def test_distributed_batch_not_divisible(data_dir, two_replica_strategy):
                                  training=True, image_size=SIZE, global_batch_size=5, data_dir=data_dir)
   with pytest.raises(ValueError, match="input_context"):
     pipeline.distributed_dataset(two_replica_strategy, dataset=NAME, input_context=None)
+
+
+def _degenerate_example():
+  """A decoded COCO-like example (60 x 80) with boxes: fine, zero height, inverted, NaN, a zero-area crowd, fine."""
+  boxes = np.array([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.2, 0.6], [0.6, 0.3, 0.2, 0.6], [np.nan, 0.1, 0.3, 0.3],
+                    [0.4, 0.4, 0.4, 0.4], [0.5, 0.5, 0.9, 0.8]], np.float32)
+  return {"image": tf.zeros([60, 80, 3], tf.uint8), "image_id": tf.constant(5, tf.int64), "boxes": tf.constant(boxes),
+          "classes": tf.constant([0, 1, 2, 3, 4, 5], tf.int32),
+          "crowd": tf.constant([False, False, False, False, True, False])}
+
+
+def test_training_labels_drop_boxes_without_extent():
+  for seed in range(4):
+    _, labels = pipeline._train_element(_degenerate_example(), tf.constant([seed, 1], tf.int64), task="detection",
+                                        image_size=(48, 64), max_instances=4, hflip=True, scale_range=(1.0, 1.0))
+    # Only the two fine boxes survive (the zero-area crowd region is no training target either), packed first;
+    # the rest is padding: zero boxes, class -1, valid False.
+    np.testing.assert_array_equal(labels["classes"], [0, 5, -1, -1])
+    np.testing.assert_array_equal(labels["valid"], [True, True, False, False])
+    boxes = labels["boxes"].numpy()
+    assert np.all(boxes[2:] == 0) and np.all(boxes[:2, 2:] > boxes[:2, :2])
+
+
+def test_evaluation_labels_keep_source_boxes_for_coco_evaluation():
+  # COCO's evaluation counts a non-crowd box of zero extent as an object (one no detection matches), and the
+  # evaluator reads its ground truth from these labels: evaluation keeps it valid (the losses treat it as padding).
+  example = _degenerate_example()
+  example["boxes"] = tf.tensor_scatter_nd_update(example["boxes"], [[3]], [[0.1, 0.1, 0.3, 0.3]])  # (TFDS: no NaN)
+  _, labels = pipeline._eval_element(example, task="detection", image_size=(48, 64), max_instances=8)
+  np.testing.assert_array_equal(labels["classes"], [0, 1, 2, 3, 4, 5, -1, -1])
+  np.testing.assert_array_equal(labels["valid"], [True, True, True, True, False, True, False, False])
+  np.testing.assert_array_equal(labels["crowd"], [False] * 4 + [True] + [False] * 3)
+  boxes = labels["boxes"].numpy()
+  assert boxes[1, 2] == boxes[1, 0] and boxes[2, 2] < boxes[2, 0]

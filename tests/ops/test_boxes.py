@@ -88,3 +88,18 @@ def test_order_corners():
   np.testing.assert_allclose(box_ops.order_corners(swapped), [[0.2, 0.1, 0.6, 0.5], [0.1, 0.2, 0.3, 0.9]])
   with pytest.raises(ValueError, match="last dimension of 4"):
     box_ops.order_corners(np.zeros([2, 3], np.float32))
+
+
+def test_positive_extent():
+  boxes = np.array([[0.1, 0.2, 0.5, 0.8], [0.1, 0.2, 0.1, 0.8], [0.1, 0.2, 0.5, 0.1], [0.5, 0.2, 0.1, 0.8],
+                    [0.1, 0.2, np.nan, 0.8], [0.1, -np.inf, 0.5, 0.8]], np.float32)
+  expected = [True, False, False, False, False, False]
+  np.testing.assert_array_equal(box_ops.positive_extent(boxes), expected)
+  np.testing.assert_array_equal(box_ops.positive_extent(box_ops.yxyx_to_xyxy(boxes), "xyxy"), expected)
+  cxcywh = np.array([[[5.0, 5.0, 2.0, 1.0], [5.0, 5.0, 0.0, 1.0], [5.0, 5.0, 2.0, -1.0], [np.nan, 5.0, 2.0, 1.0]]],
+                    np.float32)
+  compiled = tf.function(lambda b: box_ops.positive_extent(b, "cxcywh"), jit_compile=True)
+  for fn in (lambda b: box_ops.positive_extent(b, "cxcywh"), compiled):
+    np.testing.assert_array_equal(fn(tf.constant(cxcywh)), [[True, False, False, False]])
+  with pytest.raises(ValueError, match="box_format"):
+    box_ops.positive_extent(boxes, "xywh")

@@ -165,6 +165,42 @@ def test_conflicts_go_to_the_cheapest_object():
     assert np.all(result["matched_gt"][result["fg_mask"]] == 1)
 
 
+@pytest.mark.parametrize("variant", ["exact", "fast"])
+def test_non_finite_predictions_rank_last_and_agree_eagerly_and_under_xla(variant):
+  # NaN / inf meet comparisons, top_k and float-to-int casts, which treat them differently eagerly and compiled
+  # unless the costs are sanitised: the assignment must be defined and identical in both modes.
+  inputs = case_inputs(0)
+  boxes, classes, valid, _ = rows_to_padded(GOLDEN["case0_targets"], 2)
+  clean = assign(inputs, boxes, classes, valid, variant=variant)
+  poisoned = dict(inputs)
+  fg = np.flatnonzero(clean["fg_mask"][0])
+  pred, obj, cls = (poisoned[k].numpy() for k in ("pred_boxes", "obj_logits", "cls_logits"))
+  pred[0, fg[0], 0], obj[0, fg[1]], cls[0, fg[2], 1], pred[1, :, 2] = np.nan, np.inf, np.nan, np.inf
+  poisoned.update(pred_boxes=tf.constant(pred), obj_logits=tf.constant(obj), cls_logits=tf.constant(cls))
+  eager = assign(poisoned, boxes, classes, valid, variant=variant)
+  compiled = assign(poisoned, boxes, classes, valid, jit=True, variant=variant)
+  for key in ("fg_mask", "matched_gt", "dynamic_k", "candidate_mask"):
+    np.testing.assert_array_equal(compiled[key], eager[key])
+  assert np.all(np.isfinite(eager["matched_iou"])) and np.all(np.isfinite(compiled["matched_iou"]))
+  np.testing.assert_allclose(compiled["matched_iou"], eager["matched_iou"], atol=1e-6)
+  assert eager["fg_mask"][0].any() and not np.any(eager["matched_iou"][1])  # image 1: every box is infinite
+
+
+@pytest.mark.parametrize("box", [[64.0, 64.0, 0.0, 20.0], [64.0, 64.0, 0.0, 0.0], [64.0, 64.0, -10.0, 20.0],
+                                 [64.0, np.nan, 10.0, 20.0]])
+def test_valid_objects_without_positive_extent_are_padding(box):
+  inputs = case_inputs(0)
+  boxes = np.array([[box, [40.0, 40.0, 30.0, 30.0]], [[64.0, 64.0, 20.0, 20.0], box]], np.float32)
+  classes, valid = np.ones((2, 2), np.int32), np.ones((2, 2), bool)
+  for jit in (False, True):
+    result = assign(inputs, boxes, classes, valid, jit=jit)
+    assert result["dynamic_k"][0, 0] == 0 and result["dynamic_k"][1, 1] == 0
+    assert not np.any(result["matched_gt"][0] == 0) and not np.any(result["matched_gt"][1] == 1)
+    as_padding = assign(inputs, boxes, classes, np.array([[False, True], [True, False]]), jit=jit)
+    for key, value in as_padding.items():
+      np.testing.assert_array_equal(result[key], value)
+
+
 def test_bfloat16_inputs_run_in_float32():
   inputs = {k: tf.cast(v, tf.bfloat16) for k, v in case_inputs(0).items()}
   boxes, classes, valid, _ = rows_to_padded(GOLDEN["case0_targets"], 2)

@@ -8,6 +8,14 @@ with one seed always gets the same augmentation whatever the parallelism of the 
 
 Box format: [N, 4] float32 yxyx. Inputs are normalised to the original image; `random_scale_crop` returns them
 normalised to the padded canvas, the convention of `tfreward.data.transforms`.
+
+Ground-truth hygiene: `keep` is False for every box whose clipped canvas height or width is below
+`MIN_BOX_EDGE_PIXELS`: boxes the crop cuts away (clipped onto the window edge, extent exactly 0), and boxes that were
+degenerate to begin with (zero or negative extent, or a non-finite coordinate), so the training labels never hold such a
+box as a target (the pipeline packs them out like padding). `tfreward.data.statistics.degenerate_box_count` counts
+the source boxes dropped this way. Evaluation labels keep source boxes as they are (see `tfreward.data.pipeline`):
+COCO's evaluation counts a zero-extent object as an object no detection can match, and the evaluator reads its
+ground truth from those labels; the losses treat a valid box without positive extent as padding.
 """
 
 import tensorflow as tf
@@ -15,7 +23,9 @@ import tensorflow as tf
 from tfreward.data import transforms
 from tfreward.ops import boxes as box_ops
 
-# A clipped box must keep at least this many canvas pixels of height and width to stay a training target.
+# A clipped box must keep at least this many canvas pixels of height and width to stay a training target. Not 0:
+# a sliver of a box the crop almost cuts away (under a hundredth of a pixel) shows nothing of its object. Far below
+# any real object, so it never drops a tiny but genuine box.
 MIN_BOX_EDGE_PIXELS = 1e-2
 
 
@@ -89,7 +99,8 @@ def random_scale_crop(image, boxes, mask=None, *, output_hw, scale_range, seed, 
   Returns:
     image: [out_h, out_w, 3] uint8, zero-padded.
     boxes: [N, 4] float32 yxyx normalised to the canvas, clipped to the crop window (so within [0, 1]).
-    keep: [N] bool, False for boxes whose clipped height or width is below `MIN_BOX_EDGE_PIXELS` (cut away).
+    keep: [N] bool, False for boxes whose clipped height or width is below `MIN_BOX_EDGE_PIXELS` (cut away, or
+      zero-area, inverted or not finite in the input).
     mask: [out_h, out_w] of the mask's dtype, or None when no mask was given.
     scale: float32 scalar, canvas pixels per original pixel.
   """
@@ -122,6 +133,7 @@ def random_scale_crop(image, boxes, mask=None, *, output_hw, scale_range, seed, 
   window_hw = tf.cast(tf.minimum(new_hw - offset, [out_h, out_w]), tf.float32)  # [2] image pixels in the canvas
   pixels = tf.clip_by_value(pixels, 0.0, tf.concat([window_hw, window_hw], 0))
   keep = tf.logical_and(pixels[:, 2] - pixels[:, 0] >= MIN_BOX_EDGE_PIXELS,
-                        pixels[:, 3] - pixels[:, 1] >= MIN_BOX_EDGE_PIXELS)  # [N]
+                        pixels[:, 3] - pixels[:, 1] >= MIN_BOX_EDGE_PIXELS)  # [N]; False for NaN too
+  keep = tf.logical_and(keep, tf.reduce_all(tf.math.is_finite(boxes), axis=-1))  # the clip would hide an inf
   canvas_boxes = box_ops.normalize_boxes(pixels, [out_h, out_w])
   return image_out, canvas_boxes, keep, mask_out, scale

@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw, ImageFont
 
 from tfreward.data import shapes
+from tfreward.data import statistics
 
 HEADER, CAPTION, PAD = 28, 16, 8
 BACKGROUND = (24, 24, 24)
@@ -130,7 +131,8 @@ def render_grid(examples, *, class_names, columns=4, title=""):
 
 
 def write_preview(path, *, name=shapes.NAME, split="train", data_dir=None, num_images=16, columns=4):
-  """Builds `name` if needed and writes a PNG grid of its first `num_images` examples of `split`.
+  """Builds `name` if needed and writes a PNG grid of its first `num_images` examples of `split`; prints the split's
+  count of degenerate boxes (`statistics.degenerate_box_count`, dropped from the training labels).
 
   Args:
     path: str or path-like. Output PNG file; parent directories must exist.
@@ -156,6 +158,9 @@ def write_preview(path, *, name=shapes.NAME, split="train", data_dir=None, num_i
   title = f"{name} {split}: {len(examples)} examples"
   grid = render_grid(examples, class_names=class_names, columns=columns, title=title)
   grid.save(path, format="PNG", compress_level=1)  # Fast; the noisy images barely compress anyway.
+  counts = statistics.degenerate_box_count(name, split=split, data_dir=data_dir)
+  print(f"{name} {split}: {counts['degenerate']} of {counts['boxes']} boxes in {counts['examples']} examples have "
+        "no positive extent (dropped from the training labels)")
   return path
 
 

@@ -1,9 +1,14 @@
-"""Statistics of a training split, counted once and cached beside the prepared data.
+"""Statistics of a dataset split.
 
-`class_pixel_counts`: the number of labelled pixels of each segmentation class over a split, at the images' original
-resolution (every example once, no augmentation). The counts are written to
-`<the builder's versioned data dir>/tfreward_class_pixel_counts_<split>.json` (local or `gs://`) and read from there
-on later calls; a cache that does not match the dataset (another number of classes or examples) is recounted.
+`degenerate_box_count`: how many object boxes of a split have no positive extent (zero or negative height or width,
+or a non-finite coordinate) in the source annotations, among the non-crowd boxes: the boxes the training pipeline
+drops for that reason (`tfreward.data.augment`). Counted on every call (it reads the records, decodes no image).
+
+`class_pixel_counts` (counted once and cached beside the prepared data): the number of labelled pixels of each
+segmentation class over a split, at the images' original resolution (every example once, no augmentation). The
+counts are written to `<the builder's versioned data dir>/tfreward_class_pixel_counts_<split>.json` (local or
+`gs://`) and read from there on later calls; a cache that does not match the dataset (another number of classes or
+examples) is recounted.
 """
 
 import json
@@ -16,6 +21,7 @@ import tensorflow as tf
 
 from tfreward.data import decoders, pipeline
 from tfreward.errors import DatasetError
+from tfreward.ops import boxes as box_ops
 
 _LOG = logging.getLogger(__name__)
 
@@ -45,6 +51,47 @@ def _count(builder, spec, split, num_classes, progress):
     if bar is not None:
       bar.update(seen)
   return counts, seen
+
+
+def _box_counts(example):
+  """One TFDS example (`objects` with `bbox` [N, 4] yxyx and optional `is_crowd`) -> int64 [3]: 1 example, its
+  non-crowd boxes and the degenerate ones among them."""
+  objects = example["objects"]
+  boxes = tf.reshape(tf.cast(objects["bbox"], tf.float32), [-1, 4])
+  crowd = tf.cast(objects["is_crowd"], tf.bool) if "is_crowd" in objects else tf.zeros(tf.shape(boxes)[:1], tf.bool)
+  target = tf.logical_not(crowd)
+  degenerate = tf.logical_and(target, tf.logical_not(box_ops.positive_extent(boxes)))
+  return tf.stack([tf.constant(1, tf.int64), tf.reduce_sum(tf.cast(target, tf.int64)),
+                   tf.reduce_sum(tf.cast(degenerate, tf.int64))])
+
+
+def count_degenerate_boxes(examples):
+  """`degenerate_box_count` of a `tf.data.Dataset` of TFDS detection examples: dict of ints `examples`, `boxes`
+  (non-crowd) and `degenerate` (non-crowd boxes without positive finite extent)."""
+  totals = examples.map(_box_counts, num_parallel_calls=tf.data.AUTOTUNE).reduce(
+      tf.zeros([3], tf.int64), lambda total, counts: total + counts)
+  num_examples, boxes, degenerate = (int(v) for v in totals.numpy())
+  return {"examples": num_examples, "boxes": boxes, "degenerate": degenerate}
+
+
+def degenerate_box_count(dataset, *, split="train", data_dir=None, manual_dir=None):
+  """The boxes of `split` that the training pipeline drops as degenerate (see the module docstring).
+
+  Args:
+    dataset: a detection dataset name the pipeline knows ("tfreward_shapes", "coco/2017", ...).
+    split: str. Defaults to "train".
+    data_dir, manual_dir: as for `pipeline.build_dataset`.
+
+  Returns:
+    dict of ints: `examples`, `boxes` (non-crowd boxes) and `degenerate` (those without positive extent).
+  """
+  spec = decoders.get_spec(dataset)
+  if "detection" not in spec.tasks:
+    raise DatasetError(f"{spec.name} has no boxes to count.")
+  builder = pipeline.prepare_dataset(dataset, data_dir, manual_dir)
+  if split not in builder.info.splits:
+    raise DatasetError(f"{spec.name} has no split {split!r}; it has {', '.join(sorted(builder.info.splits))}.")
+  return count_degenerate_boxes(pipeline.read_examples(builder, spec, split))
 
 
 def class_pixel_counts(dataset, *, split="train", data_dir=None, manual_dir=None, progress=True):

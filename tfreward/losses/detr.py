@@ -18,6 +18,13 @@ Logging terms:
                      class) - #targets of the image|. This replaces the reference's count of "argmax != last class",
                      which with sigmoid outputs (no "no-object" logit) only counts queries whose top class is not the
                      last real class and so is not a cardinality at all.
+
+Non-finite predictions (`tfreward.ops.finite`): if any logit or box of the last or an auxiliary layer is NaN or
++-inf, every float scalar returned (losses and logging terms, all layers) is NaN, and so are the gradients, eagerly
+and under XLA alike. The matching stays defined: the matcher treats NaN and +inf costs as forbidden pairs
+(`tfreward.ops.matching`), so it always returns a complete assignment and never hangs.
+Degenerate ground truth: a valid target whose box has no positive finite width and height (zero-area, inverted,
+NaN) is treated as padding: never matched, not counted in num_boxes.
 """
 
 import tensorflow as tf
@@ -26,6 +33,7 @@ from tfreward.losses import detr_matcher
 from tfreward.losses import focal
 from tfreward.ops import boxes as box_ops
 from tfreward.ops import distributed
+from tfreward.ops import finite
 
 _BOX_FORMATS = ("yxyx", "cxcywh")
 _UNIT_BOX = (0.5, 0.5, 1.0, 1.0)  # cxcywh stand-in for padding targets: keeps every GIoU well defined
@@ -119,7 +127,8 @@ def group_detr_loss(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, *, 
     pred_boxes: [B, G*Q, 4] float, normalised cxcywh.
     gt_boxes: [B, T, 4] float, normalised, in `gt_box_format`; padding slots may hold anything.
     gt_classes: [B, T] int32 in [0, C); padding slots may hold anything (-1 by the data contract).
-    gt_valid: [B, T] bool, False for padding. T <= Q is required (checked statically).
+    gt_valid: [B, T] bool, False for padding (as are valid targets without a positive finite extent). T <= Q is
+      required (checked statically).
     num_groups: int G >= 1.
     aux_outputs: sequence of (logits, boxes) pairs, shaped like `pred_logits` / `pred_boxes`, one per intermediate
       decoder layer. Defaults to none.
@@ -128,10 +137,10 @@ def group_detr_loss(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, *, 
     gt_box_format: str. "yxyx" (the data contract) or "cxcywh". Defaults to "yxyx".
 
   Returns:
-    dict of float32 scalars (this replica's share): `loss_ce`, `loss_bbox`, `loss_giou`, `class_error`,
-    `cardinality_error`, and for auxiliary layer k `loss_ce_{k}`, `loss_bbox_{k}`, `loss_giou_{k}`,
-    `cardinality_error_{k}`; plus the matchings: `query_index_for_target` [B, G, T] int32 (global query index,
-    -1 for padding) and `match_cost` [B, G] float32 for the last layer, `query_index_for_target_{k}` and
+    dict of float32 scalars (this replica's share; NaN for non-finite predictions): `loss_ce`, `loss_bbox`,
+    `loss_giou`, `class_error`, `cardinality_error`, and for auxiliary layer k `loss_ce_{k}`, `loss_bbox_{k}`,
+    `loss_giou_{k}`, `cardinality_error_{k}`; plus the matchings: `query_index_for_target` [B, G, T] int32 (global
+    query index, -1 for padding) and `match_cost` [B, G] float32 for the last layer, `query_index_for_target_{k}` and
     `match_cost_{k}` for auxiliary layer k.
 
   Raises:
@@ -145,10 +154,10 @@ def group_detr_loss(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, *, 
   aux_outputs = [tuple(tf.convert_to_tensor(t) for t in layer) for layer in aux_outputs]
   _check_inputs(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, num_groups, aux_outputs, gt_box_format)
 
-  gt_valid = tf.cast(gt_valid, tf.bool)
   gt_boxes = tf.cast(gt_boxes, tf.float32)
   if gt_box_format == "yxyx":
     gt_boxes = box_ops.yxyx_to_cxcywh(gt_boxes)
+  gt_valid = tf.cast(gt_valid, tf.bool) & box_ops.positive_extent(gt_boxes, "cxcywh")
   gt_boxes = tf.where(gt_valid[:, :, None], gt_boxes, tf.constant(_UNIT_BOX, tf.float32))
   gt_classes = tf.where(gt_valid, tf.cast(gt_classes, tf.int32), 0)
 
@@ -175,4 +184,5 @@ def group_detr_loss(pred_logits, pred_boxes, gt_boxes, gt_classes, gt_valid, *, 
       terms["class_error"] = tf.where(global_pairs > 0.0, 100.0 * (local_pairs - correct) / num_boxes,
                                       no_pairs_share)
     losses.update({name + suffix: value for name, value in terms.items()})
-  return losses
+  ok = finite.all_finite(pred_logits, pred_boxes, *[t for layer in aux_outputs for t in layer])
+  return {name: finite.nan_unless(ok, value) if value.shape.rank == 0 else value for name, value in losses.items()}

@@ -3,6 +3,10 @@
 The predictions of a Group DETR decoder are G groups of Q queries concatenated on the query axis (group g holds
 queries g*Q ... g*Q+Q-1). Every group is matched to the ground truth on its own, one-to-one, so each object gets
 G positive queries, one per group. With G = 1 this is the plain DETR matcher.
+
+Non-finite predictions give NaN or +inf costs; `matching.linear_sum_assignment` replaces them with a finite stand-in
+above every finite cost of the problem (a forbidden pair), so each group still gets a complete one-to-one matching,
+the same eagerly and under XLA, and the solver never loops on them (the loss terms are NaN by `tfreward.ops.finite`).
 """
 
 import tensorflow as tf

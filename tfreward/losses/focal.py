@@ -1,4 +1,8 @@
-"""Sigmoid focal loss (RetinaNet) and the focal classification cost DETR-style matchers use. XLA-safe, float32."""
+"""Sigmoid focal loss (RetinaNet) and the focal classification cost DETR-style matchers use. XLA-safe, float32.
+
+Element-wise: a NaN or infinite logit gives a non-finite value at that element (NaN, or inf), the same eagerly and
+under XLA; the losses built on these turn any non-finite prediction into NaN terms (`tfreward.ops.finite`).
+"""
 
 import tensorflow as tf
 
@@ -40,6 +44,8 @@ def focal_class_cost(logits, *, alpha=0.25, gamma=2.0, eps=1e-8):
 
   `alpha * (1 - p) ** gamma * -log(p + eps) - (1 - alpha) * p ** gamma * -log(1 - p + eps)` with
   `p = sigmoid(logits)`: the focal loss of calling the prediction positive minus that of calling it negative.
+  `1 - p + eps` is floored at `eps` (the same value): XLA reassociates it into `(1 + eps) - p`, which is 0 in float32
+  once p rounds to 1 (logits >= 17), and returned -inf there where eager gives -(1 - alpha) * ln(eps).
 
   Args:
     logits: [..., C] float (computed in float32).
@@ -52,6 +58,6 @@ def focal_class_cost(logits, *, alpha=0.25, gamma=2.0, eps=1e-8):
   """
   _check_focal_args(alpha, gamma)
   prob = tf.sigmoid(tf.cast(logits, tf.float32))
-  neg = (1.0 - alpha) * tf.pow(prob, gamma) * -tf.math.log(1.0 - prob + eps)
+  neg = (1.0 - alpha) * tf.pow(prob, gamma) * -tf.math.log(tf.maximum(1.0 - prob + eps, eps))
   pos = alpha * tf.pow(1.0 - prob, gamma) * -tf.math.log(prob + eps)
   return pos - neg

@@ -23,6 +23,15 @@ BCE(x, y) = -(y * max(ln x, -100) + (1 - y) * max(ln(1 - x), -100)) with PyTorch
 (x - y) / max(x (1 - x), 1e-12), which also keeps saturated probabilities (P == 1 or bag_prob == 0) NaN-free.
 Everything is computed in float32, whatever the input dtype.
 
+Non-finite predictions (`tfreward.ops.finite`): if any class logit or box delta is NaN or +-inf, both returned
+losses are NaN (and their gradients), eagerly and under XLA alike. The decode clamps dw and dh (`wh_ratio_clip`),
+so finite deltas cannot overflow; but a clamp maps NaN to NaN eagerly and to a bound under XLA, which is why the
+box probability also sanitises: an anchor with a non-finite delta, or a non-finite decoded IoU, has IoU 0 with
+every GT there. The bags depend only on the anchors and the GT, never on predictions.
+Degenerate ground truth: a valid row whose box has no positive finite width and height (zero-area, inverted, NaN)
+is treated as padding: no positive bag, not counted in num_pos. (Kept as a positive, it would claim the k
+lowest-index anchors at IoU 0 and add alpha * 100 to the positive sum; the input pipeline drops such boxes.)
+
 Memory (B images, A anchors, M GT slots, C classes; COCO 800x1333: A = 200,700, M = 100, C = 80): two [B, M, A]
 float32 IoU matrices (anchor IoU for top_k, and the box probability Q; 80 MB each per image), the box probability
 [B, A, C] (64 MB per image, plus its [B, C, A] transpose) and [B, A, C] elementwise terms like the logits. The
@@ -36,10 +45,12 @@ import tensorflow as tf
 from tfreward.losses import smooth_l1
 from tfreward.ops import box_coder
 from tfreward.ops import boxes as box_ops
+from tfreward.ops import finite
 from tfreward.ops.distributed import global_sum
 
 EPS = 1e-12
-# Encoded targets are clamped here: only degenerate (zero-size) GT reach it, whose log-size target is -inf.
+# Encoded targets are clamped here: a safeguard for zero-size boxes, whose log-size target is -inf (degenerate GT
+# rows are treated as padding, so none reaches it any more).
 _MAX_TARGET = 1e4
 
 
@@ -76,13 +87,16 @@ def _check_coder(target_means, target_stds, wh_ratio_clip=None):
     _check_range("wh_ratio_clip", float(wh_ratio_clip), 0.0, 1.0, low_open=True, high_open=True)
 
 
+def _targets_valid(gt_boxes, gt_valid):
+  """[B, M] bool: valid rows whose box has a positive finite extent (the others are padding)."""
+  return tf.cast(gt_valid, tf.bool) & box_ops.positive_extent(tf.cast(gt_boxes, tf.float32), "xyxy")
+
+
 def _prepare(anchors, gt_boxes, gt_classes, gt_valid):
-  """float32 anchors; GT with padding rows replaced by a unit box, inverted boxes made empty, classes >= 0."""
+  """float32 anchors; GT with padding (and degenerate) rows replaced by a unit box, classes >= 0."""
   anchors = tf.cast(anchors, tf.float32)
-  gt_valid = tf.cast(gt_valid, tf.bool)
-  x1, y1, x2, y2 = tf.unstack(tf.cast(gt_boxes, tf.float32), axis=-1)
-  boxes = tf.stack([x1, y1, tf.maximum(x2, x1), tf.maximum(y2, y1)], axis=-1)  # [B, M, 4]
-  boxes = tf.where(gt_valid[..., None], boxes, tf.constant([0.0, 0.0, 1.0, 1.0]))
+  gt_valid = _targets_valid(gt_boxes, gt_valid)
+  boxes = tf.where(gt_valid[..., None], tf.cast(gt_boxes, tf.float32), tf.constant([0.0, 0.0, 1.0, 1.0]))
   classes = tf.where(gt_valid, tf.cast(gt_classes, tf.int32), 0)  # [B, M]
   return anchors, boxes, classes, gt_valid
 
@@ -113,7 +127,8 @@ def positive_bag_terms(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt
                                    stds=target_stds)  # [B, M, k, 4]
   targets = tf.clip_by_value(targets, -_MAX_TARGET, _MAX_TARGET)
   matched_deltas = tf.gather(box_deltas, bag, batch_dims=1)  # [B, M, k, 4]
-  loc_loss = tf.reduce_sum(loss_weight * smooth_l1.smooth_l1(matched_deltas - targets, beta=float(smoothl1_beta)), axis=-1)
+  loc_loss = tf.reduce_sum(loss_weight * smooth_l1.smooth_l1(matched_deltas - targets, beta=float(smoothl1_beta)),
+                           axis=-1)
   matched_prob = matched_cls_prob * tf.exp(-loc_loss)  # [B, M, k]
   weight = 1.0 / tf.maximum(1.0 - matched_prob, EPS)
   weight = weight / tf.reduce_sum(weight, axis=-1, keepdims=True)
@@ -135,9 +150,12 @@ def anchor_box_probability(anchors, box_deltas, gt_boxes, gt_classes, gt_valid, 
   """
   _check_coder(target_means, target_stds, wh_ratio_clip)
   anchors, boxes, classes, valid = _prepare(anchors, gt_boxes, gt_classes, gt_valid)
-  pred = box_coder.decode_boxes(anchors, tf.stop_gradient(tf.cast(box_deltas, tf.float32)), means=target_means,
-                                stds=target_stds, wh_ratio_clip=wh_ratio_clip)  # [B, A, 4]
-  iou = tf.where(valid[..., None], box_ops.pairwise_iou(boxes, pred), 0.0)  # [B, M, A]
+  box_deltas = tf.stop_gradient(tf.cast(box_deltas, tf.float32))
+  pred = box_coder.decode_boxes(anchors, box_deltas, means=target_means, stds=target_stds,
+                                wh_ratio_clip=wh_ratio_clip)  # [B, A, 4]
+  pred_finite = tf.reduce_all(tf.math.is_finite(box_deltas), axis=-1)[:, None, :]  # [B, 1, A]
+  iou = box_ops.pairwise_iou(boxes, pred)  # [B, M, A]
+  iou = tf.where(valid[..., None] & pred_finite & tf.math.is_finite(iou), iou, 0.0)
   max_pred_iou = tf.reduce_max(iou, axis=-1)  # [B, M]
   t1 = tf.constant(bbox_thr, tf.float32)
   t2 = tf.maximum(max_pred_iou, t1 + EPS)[..., None]  # float32: t1 + 1e-12 == t1, as in mmdetection
@@ -194,7 +212,7 @@ def free_anchor_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_v
     box_deltas: [B, A, 4] float (dx, dy, dw, dh) in std units (`tfreward.ops.box_coder`).
     gt_boxes: [B, M, 4] float xyxy pixels; padding rows are ignored whatever they hold.
     gt_classes: [B, M] int, 0-based class in [0, C) for valid rows; padding rows are ignored.
-    gt_valid: [B, M] bool, True for real objects.
+    gt_valid: [B, M] bool, True for real objects; valid rows without a positive finite extent count as padding.
     pre_anchor_topk: int k, anchors per positive bag. Defaults to 50.
     bbox_thr: float in [0, 1), threshold t1 of the saturated-linear box probability. Defaults to 0.6.
     gamma: float >= 0, focal exponent of the negative bag. Defaults to 2.0.
@@ -206,7 +224,8 @@ def free_anchor_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_v
     wh_ratio_clip: float in (0, 1), the decode clamp of the box probability. Defaults to 0.016.
 
   Returns:
-    dict with float32 scalars `positive_bag_loss` and `negative_bag_loss`.
+    dict with float32 scalars `positive_bag_loss` and `negative_bag_loss`, both NaN when a logit or delta is not
+    finite (see the module docstring).
   """
   _check_inputs(dict(anchors=anchors, cls_logits=cls_logits, box_deltas=box_deltas, gt_boxes=gt_boxes,
                      gt_classes=gt_classes, gt_valid=gt_valid), pre_anchor_topk)
@@ -218,7 +237,7 @@ def free_anchor_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_v
   _check_coder(target_means, target_stds, wh_ratio_clip)
   coder = dict(target_means=target_means, target_stds=target_stds)
   k = int(pre_anchor_topk)
-  num_pos = global_sum(tf.reduce_sum(tf.cast(tf.cast(gt_valid, tf.bool), tf.float32)))  # valid GT, all replicas
+  num_pos = global_sum(tf.reduce_sum(tf.cast(_targets_valid(gt_boxes, gt_valid), tf.float32)))  # all replicas
   terms, _, _ = positive_bag_terms(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_valid,
                                    pre_anchor_topk=k, alpha=alpha, smoothl1_beta=smoothl1_beta,
                                    loss_weight=loss_weight, **coder)
@@ -228,7 +247,8 @@ def free_anchor_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_v
   cls_prob = tf.sigmoid(tf.cast(cls_logits, tf.float32))  # [B, A, C]
   neg_prob = tf.clip_by_value(cls_prob * (1.0 - box_prob), EPS, 1.0 - EPS)  # 1 - 1e-12 == 1 in float32
   negative = (1.0 - alpha) * (neg_prob**gamma * _bce_target_zero(neg_prob))  # [B, A, C]
-  return {
+  losses = {
       "positive_bag_loss": tf.reduce_sum(terms) / tf.maximum(num_pos, 1.0),
       "negative_bag_loss": tf.reduce_sum(negative) / tf.maximum(num_pos * k, 1.0),
   }
+  return finite.nan_if_not_finite(losses, cls_logits, box_deltas)

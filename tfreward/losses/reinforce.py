@@ -23,12 +23,17 @@ Log-probabilities are those of the distribution the sampler draws from: logits r
 kind (`sequence.constrain_logits`). `constrained=False` takes the log-softmax over the whole vocabulary, as the seed
 does. Losses are float32 and follow the replica-share convention of `tfreward.ops.distributed`: local sums divided by
 normalisers summed over all replicas, so shares add up to the global-batch mean.
+
+Non-finite inputs (`tfreward.ops.finite`): if any logit (before the token-kind constraint, whose -inf masks are
+expected), advantage or match IoU is NaN or +-inf, both returned losses are NaN, and so are their gradients,
+eagerly and under XLA alike.
 """
 
 import tensorflow as tf
 
 from tfreward.errors import check_int
 from tfreward.ops import distributed
+from tfreward.ops import finite
 from tfreward.ops import sequence
 
 
@@ -106,12 +111,13 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
     constrained: bool. Log-probabilities restricted to each position's token kind. Defaults to True.
 
   Returns:
-    dict of float32 scalars:
+    dict of float32 scalars (both NaN for non-finite inputs, see the module docstring):
       loss_reward: sum of -advantage * log p(token) over included positions / their number over all replicas.
       loss_conf: sum of the confidence cross-entropy over box slots / the number of slots over all replicas.
   """
   layout = sequence.TokenLayout(max_level, max_conf, num_cls)
   logits = tf.cast(tf.convert_to_tensor(logits), tf.float32)
+  inputs_finite = finite.all_finite(logits, advantages, match_iou)
   tokens = tf.convert_to_tensor(tokens)
   if tokens.shape.rank != 2 or not tokens.dtype.is_integer or tokens.shape[1] is None or tokens.shape[1] % 6:
     raise ValueError(f"tokens must be an integer [B, L] tensor with L a multiple of 6, got {tokens.dtype.name} "
@@ -139,7 +145,8 @@ def reinforce_losses(*, logits, tokens, advantages, match_iou, max_level, max_co
   loss_reward = reward_sum / tf.maximum(distributed.global_sum(tf.reduce_sum(weights)), 1.0)
 
   loss_conf = confidence_loss(log_probs, tokens, match_iou, max_conf=max_conf)
-  return {"loss_reward": loss_reward, "loss_conf": loss_conf}
+  return {"loss_reward": finite.nan_unless(inputs_finite, loss_reward),
+          "loss_conf": finite.nan_unless(inputs_finite, loss_conf)}
 
 
 def confidence_loss(log_probs, tokens, match_iou, *, max_conf):

@@ -16,6 +16,12 @@ boundary). Per image, with IoU(a_j, g_i) between anchor j and valid GT i:
   Reduction: both sums are divided by max(1, number of positive anchors over the global batch), the count summed
     over all replicas with `global_sum`; each replica returns its share.
 
+Non-finite predictions (`tfreward.ops.finite`): if any class logit or box delta is NaN or +-inf, both returned
+losses are NaN (and their gradients), eagerly and under XLA alike. The assignment depends only on anchors and GT.
+Degenerate ground truth: a valid row whose box has no positive finite width and height (zero-area, inverted, NaN)
+is treated as padding. (Its IoU with every anchor is 0, so it could never be matched anyway; the mask also keeps a
+NaN box from turning anchors into IGNORED ones.)
+
 Memory: the [B, A, M] IoU matrix (and its low-quality mask) plus [B, A, C] focal terms; 78 MB per image for
 COCO at 1024x1024 (A = 196,416 anchors, M = 100).
 """
@@ -26,6 +32,7 @@ from tfreward.losses.focal import sigmoid_focal_loss
 from tfreward.losses.smooth_l1 import smooth_l1
 from tfreward.ops import box_coder
 from tfreward.ops import boxes as box_ops
+from tfreward.ops import finite
 from tfreward.ops.distributed import global_sum
 
 NEGATIVE = -1  # `matched` value of a background anchor
@@ -47,7 +54,7 @@ def max_iou_assign(anchors, gt_boxes, gt_valid, *, pos_iou_thr=0.5, neg_iou_thr=
   Args:
     anchors: [A, 4] float xyxy pixels, shared by the batch.
     gt_boxes: [B, M, 4] float xyxy pixels; padding rows are ignored whatever they hold.
-    gt_valid: [B, M] bool, True for real objects.
+    gt_valid: [B, M] bool, True for real objects; rows without a positive finite extent count as padding.
     pos_iou_thr: float. IoU at or above which an anchor is positive. Defaults to 0.5.
     neg_iou_thr: float <= pos_iou_thr. IoU below which an anchor is negative. Defaults to 0.4.
     match_low_quality: bool. Each GT also takes every anchor that ties for its best IoU. Defaults to True.
@@ -59,8 +66,9 @@ def max_iou_assign(anchors, gt_boxes, gt_valid, *, pos_iou_thr=0.5, neg_iou_thr=
   """
   _check_thresholds(pos_iou_thr, neg_iou_thr, min_pos_iou)
   anchors = tf.cast(anchors, tf.float32)
-  valid = tf.cast(gt_valid, tf.bool)
-  iou = tf.where(valid[:, None, :], box_ops.pairwise_iou(anchors, tf.cast(gt_boxes, tf.float32)), -1.0)  # [B, A, M]
+  gt_boxes = tf.cast(gt_boxes, tf.float32)
+  valid = tf.cast(gt_valid, tf.bool) & box_ops.positive_extent(gt_boxes, "xyxy")
+  iou = tf.where(valid[:, None, :], box_ops.pairwise_iou(anchors, gt_boxes), -1.0)  # [B, A, M]
   max_iou = tf.maximum(tf.reduce_max(iou, axis=-1), 0.0)  # [B, A]; 0 when no GT is valid (and for M == 0)
   best_gt = tf.argmax(iou, axis=-1, output_type=tf.int32)  # [B, A], first of ties
   matched = tf.where(max_iou >= pos_iou_thr, best_gt, tf.where(max_iou < neg_iou_thr, NEGATIVE, IGNORED))
@@ -104,7 +112,7 @@ def retinanet_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_val
     box_deltas: [B, A, 4] float (dx, dy, dw, dh) in std units (`tfreward.ops.box_coder`).
     gt_boxes: [B, M, 4] float xyxy pixels; padding rows are ignored whatever they hold.
     gt_classes: [B, M] int, class in [0, C) for valid rows; padding rows are ignored.
-    gt_valid: [B, M] bool, True for real objects.
+    gt_valid: [B, M] bool, True for real objects; rows without a positive finite extent count as padding.
     pos_iou_thr, neg_iou_thr, match_low_quality, min_pos_iou: the assignment, see `max_iou_assign`.
     alpha: float in [0, 1], focal weight of positives. Defaults to 0.25.
     gamma: float >= 0, focal exponent. Defaults to 2.0.
@@ -112,7 +120,7 @@ def retinanet_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_val
     target_means, target_stds: 4 floats each, the box coder's. Default to (0, 0, 0, 0) and (0.1, 0.1, 0.2, 0.2).
 
   Returns:
-    dict with float32 scalars `cls_loss` and `box_loss`.
+    dict with float32 scalars `cls_loss` and `box_loss`, both NaN when a logit or delta is not finite.
   """
   anchors, cls_logits, box_deltas = (tf.convert_to_tensor(x) for x in (anchors, cls_logits, box_deltas))
   gt_boxes, gt_classes, gt_valid = (tf.convert_to_tensor(x) for x in (gt_boxes, gt_classes, gt_valid))
@@ -137,4 +145,5 @@ def retinanet_loss(anchors, cls_logits, box_deltas, gt_boxes, gt_classes, gt_val
 
   # The number of positive anchors in the global batch (all replicas), at least 1.
   normaliser = tf.maximum(global_sum(tf.reduce_sum(tf.cast(positive, tf.float32))), 1.0)
-  return {"cls_loss": cls_sum / normaliser, "box_loss": box_sum / normaliser}
+  losses = {"cls_loss": cls_sum / normaliser, "box_loss": box_sum / normaliser}
+  return finite.nan_if_not_finite(losses, cls_logits, box_deltas)

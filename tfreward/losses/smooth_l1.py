@@ -7,7 +7,8 @@ def smooth_l1(x, *, beta):
   """Element-wise smooth L1 of a difference `x`, unreduced.
 
   0.5 * x ** 2 / beta where |x| < beta, else |x| - 0.5 * beta; beta == 0 is plain L1. The quadratic branch only
-  ever sees |x| <= beta, so neither value nor gradient overflows for huge |x|.
+  ever sees |x| <= beta, so neither value nor gradient overflows for huge |x|. NaN gives NaN and +-inf gives +inf,
+  eagerly and under XLA alike (the losses then return NaN terms, `tfreward.ops.finite`).
 
   Args:
     x: [...] float (computed in float32), e.g. predicted minus target deltas.

@@ -10,12 +10,23 @@ Distribution: num_fg and the object count are summed over all replicas (`global_
 this replica's share of the global-batch value and the shares add up to it (with one replica: the whole value).
 The normaliser carries no gradient, so gradients of the normalised total are those of the sums divided by the
 global num_fg.
+
+Non-finite predictions (`tfreward.ops.finite`): if a raw output is NaN or +-inf, or a decoded box overflows (the
+square of its area w * h is not finite in float32, i.e. area above ~1.8e19 px^2, e.g. log w = 50: w = e^50 * s ~
+4e22 px; past it the IoU and its gradient under- or overflow), every returned float term (`iou`, `obj`, `cls`,
+`l1`, `total`, `num_fg_over_num_gts`) is NaN, and so is the gradient, eagerly and under XLA alike. The assignment
+stays defined (SimOTA sanitises its costs, see `tfreward.ops.simota`).
+
+Degenerate ground truth: a valid slot whose box has no positive finite width and height (zero-area, inverted,
+NaN) is treated as padding: it takes no anchor and does not count in num_gts. (The input pipeline drops such boxes
+from training labels; this covers labels given directly.)
 """
 
 import tensorflow as tf
 
 from tfreward.ops import boxes as box_ops
 from tfreward.ops import distributed
+from tfreward.ops import finite
 from tfreward.ops import simota
 from tfreward.ops import yolox_grid
 
@@ -23,6 +34,7 @@ IOU_TYPES = ("iou", "giou")
 IOU_WEIGHT = 5.0
 COMPONENTS = ("iou", "obj", "cls", "l1", "num_fg_over_num_gts", "total")
 ASSIGNMENT_KEYS = ("fg_mask", "matched_gt", "matched_iou")
+_SUM_KEYS = ("iou", "obj", "cls", "l1", "total")
 
 
 def _check_args(outputs, strides, num_classes, iou_type, variant):
@@ -58,7 +70,8 @@ def _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
 
   Returns:
     dict of float32 scalars `iou`, `obj`, `cls`, `l1` (sums over this replica's anchors), `total`
-    (5 * iou + obj + cls + l1), `num_fg` and `num_gts` (local counts), plus the assignment `fg_mask` [B, A] bool,
+    (5 * iou + obj + cls + l1), all NaN for non-finite predictions (module docstring), `num_fg` and `num_gts` (local
+    counts), `finite` (bool scalar, the predictions' check), plus the assignment `fg_mask` [B, A] bool,
     `matched_gt` [B, A] int32 (slot or -1), `matched_iou` [B, A] float32.
   """
   _check_args(outputs, strides, num_classes, iou_type, variant)
@@ -68,8 +81,8 @@ def _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
     pred_boxes = yolox_grid.decode_boxes(raw[..., :4], grid_xy, anchor_strides)  # [B, A, 4] cxcywh
     obj_logits = raw[..., 4]  # [B, A]
     cls_logits = raw[..., 5:]  # [B, A, C]
-    gt_valid = tf.cast(gt_valid, tf.bool)
     gt_boxes = tf.cast(gt_boxes, tf.float32)
+    gt_valid = tf.cast(gt_valid, tf.bool) & box_ops.positive_extent(gt_boxes, "cxcywh")
     gt_classes = tf.cast(gt_classes, tf.int32)
     if gt_valid.shape.rank == 2 and gt_valid.shape[1] == 0:  # no slots at all: one padding slot keeps gathers valid
       gt_boxes, gt_classes = tf.pad(gt_boxes, [[0, 0], [0, 1], [0, 0]]), tf.pad(gt_classes, [[0, 0], [0, 1]])
@@ -98,14 +111,14 @@ def _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
       l1_sum = tf.reduce_sum(l1)
     else:
       l1_sum = tf.constant(0.0)
+    ok = finite.all_finite(raw, tf.square(pred_boxes[..., 2] * pred_boxes[..., 3]))
+    sums = {"iou": iou_sum, "obj": obj_sum, "cls": cls_sum, "l1": l1_sum,
+            "total": IOU_WEIGHT * iou_sum + obj_sum + cls_sum + l1_sum}
     return {
-        "iou": iou_sum,
-        "obj": obj_sum,
-        "cls": cls_sum,
-        "l1": l1_sum,
-        "total": IOU_WEIGHT * iou_sum + obj_sum + cls_sum + l1_sum,
+        **{name: finite.nan_unless(ok, value) for name, value in sums.items()},
         "num_fg": tf.reduce_sum(fg_float),
         "num_gts": tf.reduce_sum(tf.cast(gt_valid, tf.float32)),
+        "finite": ok,
         **{key: assignment[key] for key in ASSIGNMENT_KEYS},
     }
 
@@ -120,8 +133,9 @@ def _normalize_sums(sums):
   """
   num_fg = tf.maximum(distributed.global_sum(sums["num_fg"]), 1.0)
   num_gts = tf.maximum(distributed.global_sum(sums["num_gts"]), 1.0)
-  result = {name: sums[name] / num_fg for name in ("iou", "obj", "cls", "l1", "total")}
-  result["num_fg_over_num_gts"] = num_fg / num_gts / tf.cast(distributed.num_replicas(), tf.float32)
+  result = {name: sums[name] / num_fg for name in _SUM_KEYS}
+  ratio = num_fg / num_gts / tf.cast(distributed.num_replicas(), tf.float32)
+  result["num_fg_over_num_gts"] = finite.nan_unless(sums["finite"], ratio)
   result.update({key: sums[key] for key in ASSIGNMENT_KEYS})
   return result
 
@@ -135,7 +149,8 @@ def yolox_loss(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
       (dx, dy, log_w, log_h, obj, cls_0 .. cls_{C-1}), one per stride.
     gt_boxes: [B, M, 4] float, object boxes cxcywh in pixels of the input image.
     gt_classes: [B, M] int32, classes in [0, C).
-    gt_valid: [B, M] bool, True for real objects; padding slots are ignored whatever they hold.
+    gt_valid: [B, M] bool, True for real objects; padding slots are ignored whatever they hold, and so are valid
+      slots whose box has no positive finite extent.
     strides: sequence of L ints, the stride of each output. Defaults to (8, 16, 32).
     num_classes: int, C.
     use_l1: bool. Adds the L1 term on raw box outputs. Defaults to False.
@@ -146,7 +161,8 @@ def yolox_loss(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
     dict of float32 scalars `iou`, `obj`, `cls`, `l1`, `num_fg_over_num_gts`, `total` (this replica's shares, see
     the module docstring; `total` is the loss to minimise) and the assignment: `fg_mask` [B, A] bool,
     `matched_gt` [B, A] int32 (object slot in [0, M), -1 for background), `matched_iou` [B, A] float32.
-    All losses are computed in float32 whatever the output dtype.
+    All losses are computed in float32 whatever the output dtype; every float scalar is NaN for non-finite
+    predictions (see the module docstring).
   """
   sums = _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, strides=strides, num_classes=num_classes,
                     use_l1=use_l1, iou_type=iou_type, variant=variant)

@@ -7,6 +7,7 @@ Formats (last axis of size 4):
 
 Degenerate boxes: a box whose max edge is below its min edge (inverted) or equal to it (zero area) has area 0.
 IoU with an empty box is 0; GIoU of two boxes whose enclosing box has zero area is their IoU (0).
+`positive_extent` tells them apart: the losses treat a ground-truth box without positive extent as padding.
 """
 
 import tensorflow as tf
@@ -107,6 +108,24 @@ def box_area(boxes):
   _check_last_dim(boxes)
   a0, a1, a2, a3 = tf.unstack(tf.convert_to_tensor(boxes), axis=-1)
   return tf.maximum(a2 - a0, 0.0) * tf.maximum(a3 - a1, 0.0)
+
+
+def positive_extent(boxes, box_format="yxyx"):
+  """Whether boxes have finite coordinates and a positive height and width. [..., 4] -> [...] bool.
+
+  Zero-area, inverted and NaN boxes give False: what the losses treat as padding even when marked valid.
+  box_format: "yxyx" or "xyxy" (extent = max edge - min edge) or "cxcywh" (width and height).
+  """
+  _check_last_dim(boxes)
+  boxes = tf.convert_to_tensor(boxes)
+  a0, a1, a2, a3 = tf.unstack(boxes, axis=-1)
+  if box_format == "cxcywh":
+    extent = (a2 > 0.0) & (a3 > 0.0)
+  elif box_format in ("yxyx", "xyxy"):
+    extent = (a2 - a0 > 0.0) & (a3 - a1 > 0.0)
+  else:
+    raise ValueError(f"box_format must be 'yxyx', 'xyxy' or 'cxcywh', got {box_format!r}.")
+  return extent & tf.reduce_all(tf.math.is_finite(boxes), axis=-1)
 
 
 def _intersection_and_union(boxes_a, boxes_b):

@@ -23,6 +23,13 @@ corrected by BCE(q_c, 1) - BCE(q_c, 0) for the object's class c (gathered, [B, M
 floor(10 * bias), so one `top_k` with that many slots yields the k_g-th smallest cost; the selection is every
 candidate before it in (cost, anchor index) order. Ties are broken towards the lower anchor index (top-k) and the
 lower object slot (conflicts). Everything is float32 (inputs are cast) and under `tf.stop_gradient`.
+
+Degenerate objects: a valid slot whose box has no positive finite width and height (zero-area, inverted, NaN) is
+treated as padding, so it never takes an anchor.
+Non-finite predictions (see `tfreward.ops.finite`): an anchor whose box, objectness or class logits hold NaN or
++-inf has IoU 0 with every object and cost `_NON_FINITE_COST` (above any finite cost, below the +inf of
+non-candidates), and any other non-finite cost is replaced by it too. The assignment is then a ranking of finite
+numbers, defined and alike eagerly and under XLA; such anchors rank last and keep the lowest-index tie order.
 """
 
 import math
@@ -35,6 +42,7 @@ VARIANTS = ("exact", "fast")
 _NUM_TOP_IOUS = 10
 _IOU_COST_WEIGHT = 3.0
 _OUTSIDE_COST = 100000.0
+_NON_FINITE_COST = 1e9  # above any finite cost (at most 100 per class + 3 * 18.5 + 1e5)
 
 
 def _region_masks(anchor_centers, anchor_strides, gt_boxes, center_radius):
@@ -110,7 +118,8 @@ def simota_assign(pred_boxes, obj_logits, cls_logits, anchor_centers, anchor_str
     anchor_strides: [A] float, stride of every cell.
     gt_boxes: [B, M, 4] float, object boxes, cxcywh in pixels; padding slots are ignored.
     gt_classes: [B, M] int, class in [0, C); padding slots are ignored.
-    gt_valid: [B, M] bool, True for real objects (padding need not be trailing).
+    gt_valid: [B, M] bool, True for real objects (padding need not be trailing); slots whose box has no positive
+      finite extent count as padding.
     variant: str. "exact" (super-gradients `YoloXDetectionLoss`) or "fast" (`YoloXFastDetectionLoss`).
       Defaults to "exact".
     center_radius: float. Half-side of the centre-sampling square, in strides. Defaults to 2.5.
@@ -138,8 +147,9 @@ def simota_assign(pred_boxes, obj_logits, cls_logits, anchor_centers, anchor_str
     f32 = lambda x: tf.stop_gradient(tf.cast(x, tf.float32))  # noqa: E731
     pred_boxes, obj_logits, cls_logits = f32(pred_boxes), f32(obj_logits), f32(cls_logits)
     anchor_centers, anchor_strides = f32(anchor_centers), f32(anchor_strides)
-    gt_valid = tf.cast(gt_valid, tf.bool)
-    gt_boxes = tf.where(gt_valid[..., None], f32(gt_boxes), 0.0)
+    gt_boxes = f32(gt_boxes)
+    gt_valid = tf.cast(gt_valid, tf.bool) & box_ops.positive_extent(gt_boxes, "cxcywh")
+    gt_boxes = tf.where(gt_valid[..., None], gt_boxes, 0.0)
     gt_classes = tf.cast(gt_classes, tf.int32)
     num_anchors = pred_boxes.shape[1] if pred_boxes.shape[1] is not None else tf.shape(pred_boxes)[1]
 
@@ -151,10 +161,15 @@ def simota_assign(pred_boxes, obj_logits, cls_logits, anchor_centers, anchor_str
     else:
       candidate = pair_candidate
 
+    box_finite = tf.reduce_all(tf.math.is_finite(pred_boxes), axis=-1)  # [B, A]
+    pred_finite = (box_finite & tf.math.is_finite(obj_logits)
+                   & tf.reduce_all(tf.math.is_finite(cls_logits), axis=-1))[:, None, :]  # [B, 1, A]
     iou = box_ops.pairwise_iou(box_ops.cxcywh_to_xyxy(gt_boxes), box_ops.cxcywh_to_xyxy(pred_boxes))  # [B, M, A]
+    iou = tf.where(box_finite[:, None, :] & tf.math.is_finite(iou), iou, 0.0)
     cost = (_classification_cost(obj_logits, cls_logits, gt_classes)
             + _IOU_COST_WEIGHT * -tf.math.log(iou + 1e-8)
             + _OUTSIDE_COST * tf.cast(~(in_box & in_ctr), tf.float32))
+    cost = tf.where(pred_finite & tf.math.is_finite(cost), cost, _NON_FINITE_COST)
     cost = tf.where(candidate, cost, math.inf)
 
     num_top = min(_NUM_TOP_IOUS, num_anchors) if isinstance(num_anchors, int) else _NUM_TOP_IOUS

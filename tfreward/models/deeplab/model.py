@@ -33,6 +33,7 @@ from tfreward.models.deeplab import reward
 from tfreward.models.deeplab.layers import ASPP, SegmentationHead
 from tfreward.models.deeplab.options import BACKBONES, DeepLabOptions
 from tfreward.ops import distributed
+from tfreward.ops import finite
 from tfreward.ops import sampling
 
 IGNORE_INDEX = 255
@@ -154,7 +155,7 @@ class DeepLab(TaskModel):
     elif o.mode == "reward":
       terms.update(reward.weighted_ce_terms(logits, mask, weighted, num_pixels, num_classes=self.num_classes,
                                             baseline_weight=o.baseline_weight))
-    return terms
+    return finite.nan_if_not_finite(terms, *tf.nest.flatten(outputs))  # every term NaN for non-finite logits
 
   def segment(self, images):
     """images [B, H, W, 3] 0..255 -> {"labels": [B, H, W] int32 class of each pixel}."""

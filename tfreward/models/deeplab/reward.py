@@ -18,6 +18,10 @@ Shapes: logits [B, H, W, C] float32 at the input size, mask [B, H, W] int (a pix
 Statistics (shares of global means over the images with a defined mIoU): `reward` (reinforce: the samples' mIoU;
 weighted_ce: r), `advantage_std` (reinforce: root mean square advantage; weighted_ce: the spread of r),
 `miou_samples` (reinforce) and `miou_greedy` (both).
+
+Non-finite logits: the model's `compute_losses` returns every term and statistic as NaN when a logit (main or
+auxiliary head) is NaN or +-inf, eagerly and under XLA alike (`tfreward.ops.finite`): sampling, argmax and the mIoU
+would otherwise see NaN differently in the two modes.
 """
 
 import tensorflow as tf

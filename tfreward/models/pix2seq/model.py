@@ -26,6 +26,7 @@ from tfreward.models.pix2seq import mle
 from tfreward.models.pix2seq import reward
 from tfreward.models.pix2seq.decoder import SequenceDecoder, decode
 from tfreward.models.pix2seq.options import Pix2SeqOptions
+from tfreward.ops import finite
 from tfreward.ops import sampling
 from tfreward.ops import sequence
 from tfreward.rewards import detection
@@ -122,7 +123,8 @@ class Pix2Seq(TaskModel):
     if o.mode == "mle" or o.mle_weight:
       terms.update(mle.mle_loss(self.decoder, memory, labels, layout=self.layout, num_boxes=o.num_boxes,
                                 filler=o.filler, order=o.order, seed=self.step_seed(_SALT_TARGET)))
-    return terms
+    # Each part NaNs its terms on non-finite logits (`tfreward.ops.finite`); one NaN part makes every term NaN.
+    return finite.nan_if_not_finite(terms, *terms.values())
 
   # === Statistics ===
 

@@ -9,6 +9,9 @@ seed's form) or to every sample (`all`). The model adds the MLE anchor (`mle_wei
 
 Statistics (replica shares of means over all samples): `reward`, `num_matches`, `nms_penalty` and the reward at each
 distinct IoU threshold, `reward_50` ... `reward_95`.
+
+Non-finite logits of the trained-on samples make every returned term NaN, the statistics included, eagerly and under
+XLA alike (`tfreward.ops.finite`; the samples drawn from such a model are not trusted either).
 """
 
 import tensorflow as tf
@@ -16,6 +19,7 @@ import tensorflow as tf
 from tfreward.losses import reinforce
 from tfreward.models.pix2seq.decoder import decode
 from tfreward.ops import distributed
+from tfreward.ops import finite
 from tfreward.ops import sequence
 from tfreward.rewards import detection
 
@@ -78,7 +82,8 @@ def reward_losses(decoder, memory, labels, options, *, layout, reward_config, se
     samples: optional [B, N, L] int sequences to train on instead of drawing them.
 
   Returns:
-    dict loss_reward, loss_conf, reward and the `statistic_names`: float32 scalar shares.
+    dict loss_reward, loss_conf, reward and the `statistic_names`: float32 scalar shares, all NaN when the logits
+    are not finite.
   """
   if samples is None:
     samples = decode(decoder, tf.stop_gradient(memory), options.samples, layout=layout,
@@ -100,4 +105,4 @@ def reward_losses(decoder, memory, labels, options, *, layout, reward_config, se
   terms = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages, match_iou=match_iou,
                                      reinforce_conf=options.reinforce_conf, **layout)
   terms.update(reward_statistics(rewards, aux, reward_config["reward_thr"]))
-  return terms
+  return finite.nan_if_not_finite(terms, logits)

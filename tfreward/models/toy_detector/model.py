@@ -4,7 +4,8 @@ export) in seconds. Not a real detector: slot k predicts the k-th ground-truth o
 Architecture: a strided conv stack, global average pooling, and a dense layer to `num_slots` slots of
 (4 box logits, num_classes + 1 class logits; the last class is "no object").
 Loss: L1 on sigmoid boxes (yxyx) of the slots that hold an object, normalised by the number of objects over all
-replicas, plus softmax cross-entropy on every slot, normalised by the number of slots over all replicas.
+replicas, plus softmax cross-entropy on every slot, normalised by the number of slots over all replicas. Both are
+NaN when a logit is NaN or +-inf (`tfreward.ops.finite`).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ from tfreward.models import options as checks
 from tfreward.models.base import TaskModel
 from tfreward.ops import boxes as box_ops
 from tfreward.ops import distributed
+from tfreward.ops import finite
 
 
 @dataclasses.dataclass
@@ -80,7 +82,7 @@ class ToyDetector(TaskModel):
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=target, logits=class_logits)
     num_slots_global = distributed.global_sum(tf.cast(tf.size(ce), tf.float32))
     loss_ce = tf.reduce_sum(ce) / num_slots_global
-    return {"loss_l1": loss_l1, "loss_ce": loss_ce}
+    return finite.nan_if_not_finite({"loss_l1": loss_l1, "loss_ce": loss_ce}, box_logits, class_logits)
 
   def detect(self, images):
     """images [B, H, W, 3] -> boxes [B, S, 4] normalised yxyx, scores [B, S], classes [B, S], num_detections [B]."""
