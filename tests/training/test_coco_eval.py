@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tfreward.data import transforms
+from tfreward.models.divergence import NonFiniteError
 from tfreward.training import coco_eval
 from tfreward.training import eval_callback
 from tfreward.testing import BrightBoxDetector
@@ -313,3 +314,18 @@ def test_callback_bad_arguments():
     eval_callback.CocoEvalCallback(dataset, prefix=None)
   with pytest.raises(ValueError, match="detect"):
     eval_callback.CocoEvalCallback(dataset, verbose=0).evaluate(keras.Sequential([keras.layers.Dense(1)]))
+
+
+class _NaNBoxDetector(BrightBoxDetector):
+  """BrightBoxDetector whose boxes are NaN: what a diverged model gives."""
+
+  def detect(self, images):
+    out = dict(super().detect(images))
+    out["boxes"] = out["boxes"] * float("nan")
+    return out
+
+
+def test_callback_refuses_non_finite_detections():
+  callback = eval_callback.CocoEvalCallback(detection_dataset(), verbose=0, jit_compile=False)
+  with pytest.raises(NonFiniteError, match=r"refusing to score detections with NaN or Inf boxes \(evaluation batch 0"):
+    callback.evaluate(_NaNBoxDetector(image_size=(32, 48)))
