@@ -34,3 +34,24 @@ def two_replica_strategy():
 @pytest.fixture
 def default_strategy():
   return tf.distribute.get_strategy()
+
+
+@pytest.fixture
+def toy_config_file(tmp_path, shapes_test_data_dir):
+  """`make(**train)` writes a tiny toy-detector config on tfreward_shapes/test (64 x 64, batch 4, CPU) with the given
+  `train` section and returns its path."""
+  import yaml
+
+  def make(**train):
+    raw = {
+        "model": {"family": "toy_detector", "num_slots": 8, "width": 8},
+        "data": {"dataset": "tfreward_shapes/test", "data_dir": shapes_test_data_dir, "image_size": [64, 64],
+                 "max_instances": 8, "global_batch_size": 4, "eval_batch_size": 4},
+        "train": train,
+        "runtime": {"strategy": "cpu"},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+  return make

@@ -7,7 +7,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import yaml
 
 from tfreward import cli
 from tfreward.config import load_config
@@ -15,18 +14,8 @@ from tfreward.models.divergence import DivergenceMonitor, NonFiniteError, check_
 from tfreward.training import trainer
 
 
-def _config_file(tmp_path, data_dir, **train):
-  raw = {
-      "model": {"family": "toy_detector", "num_slots": 8, "width": 8},
-      "data": {"dataset": "tfreward_shapes/test", "data_dir": data_dir, "image_size": [64, 64],
-               "max_instances": 8, "global_batch_size": 4, "eval_batch_size": 4},
-      "train": {"epochs": 2, "steps_per_epoch": 3, "steps_per_execution": 1,
-                "optimizer": {"clip_norm": 1.0, "warmup_steps": 1}, **train},
-      "runtime": {"strategy": "cpu"},
-  }
-  path = tmp_path / "exp.yaml"
-  path.write_text(yaml.safe_dump(raw))
-  return str(path)
+TRAIN = dict(epochs=2, steps_per_epoch=3, steps_per_execution=1,
+                              optimizer={"clip_norm": 1.0, "warmup_steps": 1})
 
 
 def _sha(path):
@@ -34,9 +23,9 @@ def _sha(path):
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_huge_learning_rate_exits_in_one_line_in_the_first_epoch(tmp_path, shapes_test_data_dir, capsys):
+def test_huge_learning_rate_exits_in_one_line_in_the_first_epoch(tmp_path, toy_config_file, capsys):
   model_dir = tmp_path / "run"
-  argv = ["train", _config_file(tmp_path, shapes_test_data_dir), "--model-dir", str(model_dir), "--export",
+  argv = ["train", toy_config_file(**TRAIN), "--model-dir", str(model_dir), "--export",
           "--set", "train.optimizer.learning_rate=1.0e+30", "--set", "train.optimizer.clip_norm=null"]
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip()
@@ -63,8 +52,8 @@ class _PoisonAtEpoch(keras.callbacks.Callback):
     kernel.assign(tf.fill(kernel.shape, float("nan")))
 
 
-def test_divergence_after_a_finite_epoch_keeps_its_files(tmp_path, shapes_test_data_dir):
-  config = load_config(_config_file(tmp_path, shapes_test_data_dir, epochs=3))
+def test_divergence_after_a_finite_epoch_keeps_its_files(tmp_path, toy_config_file):
+  config = load_config(toy_config_file(**{**TRAIN, "epochs": 3}))
   model_dir = str(tmp_path / "run")
   poison = _PoisonAtEpoch(model_dir, 1)
   with pytest.raises(NonFiniteError, match=r"diverged at step 4 \(epoch 2\): loss, .*gradient went non-finite"):
@@ -79,8 +68,8 @@ def test_divergence_after_a_finite_epoch_keeps_its_files(tmp_path, shapes_test_d
   assert len(result.history["loss"]) == 2 and np.all(np.isfinite(result.history["loss"]))
 
 
-def test_evaluation_and_export_refuse_non_finite_weights(tmp_path, shapes_test_data_dir, capsys):
-  config_path = _config_file(tmp_path, shapes_test_data_dir, epochs=1)
+def test_evaluation_and_export_refuse_non_finite_weights(tmp_path, toy_config_file, capsys):
+  config_path = toy_config_file(**{**TRAIN, "epochs": 1})
   model_dir = tmp_path / "run"
   assert cli.main(["train", config_path, "--model-dir", str(model_dir), "--no-eval"]) == 0
   config = load_config(config_path)

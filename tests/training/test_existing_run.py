@@ -8,17 +8,7 @@ import yaml
 from tfreward import cli
 
 
-def _config_file(tmp_path, data_dir):
-  raw = {
-      "model": {"family": "toy_detector", "num_slots": 8, "width": 8},
-      "data": {"dataset": "tfreward_shapes/test", "data_dir": data_dir, "image_size": [64, 64],
-               "max_instances": 8, "global_batch_size": 4, "eval_batch_size": 4},
-      "train": {"epochs": 1, "steps_per_epoch": 2, "steps_per_execution": 1, "optimizer": {"warmup_steps": 1}},
-      "runtime": {"strategy": "cpu"},
-  }
-  path = tmp_path / "exp.yaml"
-  path.write_text(yaml.safe_dump(raw))
-  return str(path)
+TRAIN = dict(epochs=1, steps_per_epoch=2, steps_per_execution=1, optimizer={"warmup_steps": 1})
 
 
 def _mtimes(model_dir):
@@ -26,8 +16,8 @@ def _mtimes(model_dir):
           for root, _, names in os.walk(model_dir) for name in names}
 
 
-def test_reusing_a_model_dir(tmp_path, shapes_test_data_dir, capsys):
-  config_path = _config_file(tmp_path, shapes_test_data_dir)
+def test_reusing_a_model_dir(tmp_path, shapes_test_data_dir, toy_config_file, capsys):
+  config_path = toy_config_file(**TRAIN)
   model_dir = str(tmp_path / "run")
   train = ["train", config_path, "--model-dir", model_dir, "--no-eval"]
   assert cli.main(train) == 0

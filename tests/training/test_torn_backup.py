@@ -5,24 +5,13 @@ import os
 
 import keras
 import pytest
-import yaml
 
 from tfreward import cli
 from tfreward.config import load_config
 from tfreward.training import trainer
 
 
-def _config_file(tmp_path, data_dir):
-  raw = {
-      "model": {"family": "toy_detector", "num_slots": 8, "width": 8},
-      "data": {"dataset": "tfreward_shapes/test", "data_dir": data_dir, "image_size": [64, 64],
-               "max_instances": 8, "global_batch_size": 4, "eval_batch_size": 4},
-      "train": {"epochs": 3, "steps_per_epoch": 2, "steps_per_execution": 1, "optimizer": {"warmup_steps": 1}},
-      "runtime": {"strategy": "cpu"},
-  }
-  path = tmp_path / "exp.yaml"
-  path.write_text(yaml.safe_dump(raw))
-  return str(path)
+TRAIN = dict(epochs=3, steps_per_epoch=2, steps_per_execution=1, optimizer={"warmup_steps": 1})
 
 
 class _InterruptAfter(keras.callbacks.Callback):
@@ -37,8 +26,7 @@ class _InterruptAfter(keras.callbacks.Callback):
       raise KeyboardInterrupt
 
 
-def _interrupted_run(tmp_path, data_dir, epoch):
-  config_path = _config_file(tmp_path, data_dir)
+def _interrupted_run(tmp_path, config_path, epoch):
   model_dir = str(tmp_path / "run")
   with pytest.raises(KeyboardInterrupt):
     trainer.train(load_config(config_path), model_dir, callbacks=[_InterruptAfter(epoch)], evaluate=False,
@@ -50,8 +38,8 @@ def _tear(path):
   os.truncate(path, os.path.getsize(path) // 2)
 
 
-def test_torn_backup_resumes_from_the_previous_epoch(tmp_path, shapes_test_data_dir):
-  config_path, model_dir = _interrupted_run(tmp_path, shapes_test_data_dir, epoch=2)
+def test_torn_backup_resumes_from_the_previous_epoch(tmp_path, toy_config_file):
+  config_path, model_dir = _interrupted_run(tmp_path, toy_config_file(**TRAIN), epoch=2)
   backup = os.path.join(model_dir, "backup")
   assert os.path.exists(os.path.join(backup, "latest.weights.h5.bkp"))  # epoch 1's, kept by double checkpointing
   _tear(os.path.join(backup, "latest.weights.h5"))
@@ -61,8 +49,8 @@ def test_torn_backup_resumes_from_the_previous_epoch(tmp_path, shapes_test_data_
   assert int(result.model.optimizer.iterations.numpy()) == 3 * 2
 
 
-def test_torn_backup_without_a_previous_one_is_one_line(tmp_path, shapes_test_data_dir, capsys):
-  config_path, model_dir = _interrupted_run(tmp_path, shapes_test_data_dir, epoch=1)
+def test_torn_backup_without_a_previous_one_is_one_line(tmp_path, toy_config_file, capsys):
+  config_path, model_dir = _interrupted_run(tmp_path, toy_config_file(**TRAIN), epoch=1)
   backup = os.path.join(model_dir, "backup")
   assert not os.path.exists(os.path.join(backup, "latest.weights.h5.bkp"))
   _tear(os.path.join(backup, "latest.weights.h5"))
@@ -71,8 +59,8 @@ def test_torn_backup_without_a_previous_one_is_one_line(tmp_path, shapes_test_da
   assert len(err.splitlines()) == 1 and "unreadable (torn or truncated)" in err and f"remove {backup}" in err, err
 
 
-def test_torn_weights_file_is_one_line(tmp_path, shapes_test_data_dir, capsys):
-  config_path = _config_file(tmp_path, shapes_test_data_dir)
+def test_torn_weights_file_is_one_line(tmp_path, toy_config_file, capsys):
+  config_path = toy_config_file(**TRAIN)
   model_dir = str(tmp_path / "run")
   assert cli.main(["train", config_path, "--model-dir", model_dir, "--no-eval", "--set", "train.epochs=1"]) == 0
   _tear(os.path.join(model_dir, trainer.FINAL_WEIGHTS))
