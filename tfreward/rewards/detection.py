@@ -75,7 +75,13 @@ def _first_argmax(values, axis):
 
 
 def _reward_at(iou, labels_pred, labels_gt, present_pred, weights, thresholds, nms_w):
-  """All thresholds at once.
+  """All thresholds from one assignment pass.
+
+  The reference assigns and matches once per threshold. Both steps are threshold-free: raising the threshold only
+  zeroes IoUs, which moves neither a prediction's best GT (its maximum stays where it was, or the row is empty) nor a
+  GT's best assigned prediction. So each prediction p keeps its best IoU m_p (at GT g_p), each GT g the best m_p
+  assigned to it, c_g (won by the first such p), and at threshold t: g is matched iff c_g > t; p is a duplicate iff
+  m_p > t and p did not win g_p. That is O(P G) once plus O(D (P + G)), instead of O(D P G).
 
   Args:
     iou: [B, N, P, G] float32, already 0 for ineligible pairs (either slot padding, or different classes).
@@ -87,28 +93,28 @@ def _reward_at(iou, labels_pred, labels_gt, present_pred, weights, thresholds, n
     dict of reward, nms_penalty [D, B, N] float32, num_matches [D, B, N] int32, correct [D, B, N, P] int32 and
     match_iou [D, B, N, P] float32.
   """
-  num_gt = iou.shape[-1]
-  thr = tf.reshape(tf.constant(thresholds, tf.float32), [-1, 1, 1, 1, 1])  # [D, 1, 1, 1, 1]
-  iou = tf.where(iou[None] > thr, iou[None], 0.0)  # [D, B, N, P, G]
-  # Each prediction keeps only its best GT.
-  iou = iou * tf.one_hot(_first_argmax(iou, -1), num_gt, dtype=tf.float32)
-  assigned = iou > 0.0
-  correct = tf.where(present_pred, tf.cast(tf.reduce_any(assigned, axis=-1), tf.int32) + 1, 0)  # [D, B, N, P]
-  # Each GT keeps its best prediction as its match.
-  match_idx = _first_argmax(iou, -2)  # [D, B, N, G]
-  matched = tf.reduce_max(iou, axis=-2) > 0.0  # [D, B, N, G]
-  is_match = tf.equal(tf.range(iou.shape[-2])[:, None], match_idx[..., None, :]) & matched[..., None, :]
+  num_pred, num_gt = iou.shape[-2], iou.shape[-1]
+  best_gt = _first_argmax(iou, -1)  # [B, N, P]
+  best_iou = tf.reduce_max(iou, axis=-1)  # [B, N, P], m_p
+  assigned_to = tf.equal(best_gt[..., None], tf.range(num_gt))  # [B, N, P, G], one True per row
+  kept = tf.where(assigned_to, best_iou[..., None], 0.0)  # each prediction keeps only its best GT
+  gt_best = tf.reduce_max(kept, axis=-2)  # [B, N, G], c_g
+  winner = _first_argmax(kept, -2)  # [B, N, G]
+  won = tf.reduce_any(assigned_to & tf.equal(winner[..., None, :], tf.range(num_pred)[:, None]), axis=-1)  # [B, N, P]
+
+  thr = tf.reshape(tf.constant(thresholds, tf.float32), [-1, 1, 1, 1])  # [D, 1, 1, 1]
+  matched = gt_best[None] > thr  # [D, B, N, G]
+  assigned = best_iou[None] > thr  # [D, B, N, P]
   w_gt = tf.gather(weights, labels_gt)  # [B, 1, G]
   w_pred = tf.gather(weights, labels_pred)  # [B, N, P]
   match_reward = tf.reduce_sum(tf.where(matched, w_gt, 0.0), axis=-1)  # [D, B, N]
-  duplicates = tf.reduce_sum(tf.cast(assigned & ~is_match, tf.float32), axis=-1)  # [D, B, N, P]
-  nms_penalty = tf.reduce_sum(duplicates * w_pred, axis=-1)  # [D, B, N]
+  nms_penalty = tf.reduce_sum(tf.where(assigned & ~won, w_pred, 0.0), axis=-1)  # [D, B, N]
   return {
       "reward": match_reward - tf.constant(nms_w, tf.float32) * nms_penalty,
       "num_matches": tf.reduce_sum(tf.cast(matched, tf.int32), axis=-1),
       "nms_penalty": nms_penalty,
-      "correct": correct,
-      "match_iou": tf.reduce_sum(iou, axis=-1),
+      "correct": tf.where(present_pred, tf.cast(assigned, tf.int32) + 1, 0),
+      "match_iou": tf.where(assigned, best_iou, 0.0),
   }
 
 
