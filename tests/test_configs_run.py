@@ -91,6 +91,10 @@ def test_config_trains_evaluates_exports_and_serves(name, run_config):
   assert os.path.exists(os.path.join(model_dir, "export", "saved_model.pb"))
   predictions = os.listdir(os.path.join(work_dir, "predictions"))
   images = os.listdir(os.path.join(work_dir, "images"))
-  assert len([p for p in predictions if p.endswith(".png")]) == len(images)
+  stems = sorted(os.path.splitext(name)[0] for name in images)
+  assert sorted(p[:-len(".png")] for p in predictions if p.endswith(".png") and not p.endswith(".labels.png")) == stems
   if headline == "mAP":
     assert "detections.json" in predictions
+  else:
+    # Segmentation also writes the label ids of each image.
+    assert sorted(p[:-len(".labels.png")] for p in predictions if p.endswith(".labels.png")) == stems
