@@ -18,6 +18,24 @@ def test_cached_decoding_equals_teacher_forcing(p2s):
   np.testing.assert_allclose(tf.reshape(out["logits"], forced.shape), forced, rtol=1e-4, atol=1e-5)
 
 
+def test_samples_of_an_image_share_its_memory_exactly_as_with_a_repeated_memory(p2s):
+  # The decoder reads one memory per image for all its G sequences (no [B * G] copy of the memory, its keys or its
+  # values); the result is what each sequence gets from its own copy, box guidance included, eagerly and under XLA.
+  model = p2s.model("mle", box_attention=True)
+  memory = model.encoder(tf.constant(p2s.batch()[0]))  # [4, S, D]
+  rng = np.random.default_rng(0)
+  lo = rng.uniform(0, 0.6, (12, 3, 2))
+  boxes = np.concatenate([lo, lo + rng.uniform(0.1, 0.4, (12, 3, 2))], -1).astype(np.float32)  # 12 different
+  tokens = sequence.boxes_to_sequence(boxes, rng.integers(0, 3, (12, 3)), np.ones((12, 3), bool),
+                                      seq_len=model.seq_len, order="fixed", **p2s.LAYOUT)
+  inputs = model.decoder.shift_right(tokens)  # row 3 b + g: sequence g of image b
+  repeated = model.decoder(inputs, tf.repeat(memory, 3, axis=0))
+  shared = model.decoder(inputs, memory)
+  compiled = tf.function(lambda i, m: model.decoder(i, m), jit_compile=True)(inputs, memory)
+  np.testing.assert_allclose(shared, repeated, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(compiled, repeated, rtol=1e-4, atol=1e-4)
+
+
 def test_greedy_decoding_ignores_the_sampling_settings(p2s):
   model = p2s.model("mle")
   memory = model.encoder(tf.constant(p2s.batch()[0]))

@@ -1,12 +1,13 @@
 """Pix2Seq's autoregressive Transformer decoder with a key/value cache, and decoding with it.
 
 Teacher forcing runs all positions at once (`SequenceDecoder.call`); decoding runs one position at a time
-(`step`) against a fixed-shape cache (`init_cache`): each layer keeps [B, L, heads, head_dim] keys and values for
-its self-attention, written at position t and masked beyond it, and the cross-attention keys and values of the
-memory, computed once. `decode` drives `step` inside one `tf.while_loop` (`tfreward.ops.sampling`). The decoder
+(`step`) against a fixed-shape cache (`init_cache`): each layer keeps [B, heads, L, head_dim] keys and values for
+its self-attention, written at position t and masked beyond it; the cross-attention keys and values of the memory
+are computed once per image (`memory_keys_values`), and the N samples of an image attend to them together. `decode` drives `step` inside one `tf.while_loop` (`tfreward.ops.sampling`). The decoder
 returns float32 logits, also under `mixed_bfloat16`.
 """
 
+import functools
 import math
 
 import keras
@@ -118,8 +119,9 @@ class SequenceDecoder(keras.layers.Layer):
     return tf.where(guided, self._box_cells(boxes), True)[:, None]
 
   def call(self, inputs, memory):
-    """Teacher forcing. inputs [B, T] int32 (T <= seq_len, start token first), memory [B, S, D] -> [B, T, V] float32
-    logits; position t predicts the token after inputs[:, t]. Box guidance needs T to be a multiple of 6."""
+    """Teacher forcing. inputs [B * G, T] int32 (T <= seq_len, start token first; G >= 1 consecutive sequences per
+    image, e.g. its samples), memory [B, S, D] -> [B * G, T, V] float32 logits; position t predicts the token after
+    inputs[:, t]. Box guidance needs T to be a multiple of 6."""
     length = inputs.shape[1]
     x = self._embed(inputs) + tf.cast(self.pos[:length], self.compute_dtype)
     causal = tf.linalg.band_part(tf.ones([length, length], tf.bool), -1, 0)  # [T, T] lower triangle
@@ -128,21 +130,25 @@ class SequenceDecoder(keras.layers.Layer):
       x = block(x, block.cross_attn.keys_values(memory), causal, cross)
     return self._logits(x)
 
+  def memory_keys_values(self, memory):
+    """memory [B, S, D] -> per layer the cross-attention (keys, values) [B, H, S, Dh], computed once per decoding."""
+    return [block.cross_attn.keys_values(memory, kv_heads_first=True) for block in self.blocks]
+
   def init_cache(self, memory):
-    """memory [B, S, D] -> cache: per layer {k, v: [B, L, H, Dh] zeros, mem_k, mem_v: [B, S, H, Dh]}, and `box`
-    [B, 4] float32, the coordinates read so far in the current slot."""
+    """memory [B, S, D] -> cache: per layer {k, v: [B, H, L, Dh] zeros}, the self-attention's keys and values, and
+    `box` [B, 4] float32, the coordinates read so far in the current slot."""
     batch = tf.shape(memory)[0]
     cache = {"box": tf.zeros([batch, 4], tf.float32)}
     for i, block in enumerate(self.blocks):
-      mem_k, mem_v = block.cross_attn.keys_values(memory)
       attn = block.self_attn
-      zeros = tf.zeros([batch, self.seq_len, attn.num_heads, attn.head_dim], mem_k.dtype)
-      cache[f"layer{i}"] = {"k": zeros, "v": zeros, "mem_k": mem_k, "mem_v": mem_v}
+      zeros = tf.zeros([batch, attn.num_heads, self.seq_len, attn.head_dim], self.compute_dtype)
+      cache[f"layer{i}"] = {"k": zeros, "v": zeros}
     return cache
 
-  def step(self, tokens, position, cache):
-    """One decoding step. tokens [B] int32 (the previous token, or the start token at position 0), position scalar
-    int32 -> (logits [B, V] float32 for the token at `position`, updated cache)."""
+  def step(self, tokens, position, cache, memory_kv):
+    """One decoding step. tokens [B * G] int32 (the previous token, or the start token at position 0; G >= 1 rows
+    per image), position scalar int32, cache of `init_cache` with B * G rows, memory_kv of `memory_keys_values`
+    (B images) -> (logits [B * G, V] float32 for the token at `position`, updated cache)."""
     x = self._embed(tokens[:, None]) + tf.cast(tf.gather(self.pos, position), self.compute_dtype)  # [B, 1, D]
     new_cache = {"box": cache["box"]}
     cross = None
@@ -153,7 +159,7 @@ class SequenceDecoder(keras.layers.Layer):
       guided = position % 6 >= 4
       cross = tf.where(guided, self._box_cells(new_cache["box"]), True)[:, None, None, :]  # [B, 1, 1, S]
     for i, block in enumerate(self.blocks):
-      x, new_cache[f"layer{i}"] = block.step(x, position, cache[f"layer{i}"], cross)
+      x, new_cache[f"layer{i}"] = block.step(x, position, cache[f"layer{i}"], memory_kv[i], cross)
     return self._logits(x)[:, 0], new_cache
 
 
@@ -173,7 +179,9 @@ def decode(decoder, memory, sampling_options, *, layout, num_samples=1, seed=Non
     dict tokens [B, N, L] int32 (+ logits [B, N, L, V] float32); see `sampling.sample_sequences`.
   """
   o = sampling_options
+  memory_kv = decoder.memory_keys_values(memory)  # per image: the N samples of an image read it together
   return sampling.sample_sequences(
-      decoder.step, decoder.init_cache(memory), seq_len=decoder.seq_len, start_token=decoder.bos_token,
+      functools.partial(decoder.step, memory_kv=memory_kv), decoder.init_cache(memory), seq_len=decoder.seq_len,
+      start_token=decoder.bos_token,
       num_samples=num_samples, seed=seed, greedy=o.greedy, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
       return_logits=return_logits, **layout)

@@ -10,7 +10,7 @@ import math
 import keras
 import tensorflow as tf
 
-from tfreward.models.layers.attention import dot_product_attention, merge_heads, split_heads
+from tfreward.models.layers.attention import dot_product_attention, heads_first, merge_heads, split_heads
 from tfreward.models.layers.mlp import MLP
 
 
@@ -53,14 +53,25 @@ class Attention(keras.layers.Layer):
     for dense in (self.query, self.key, self.value, self.out):
       dense.build([None, None, self.dim])
 
-  def keys_values(self, source):
-    """source [B, S, D] -> keys, values [B, S, H, Dh] in the compute dtype."""
-    return split_heads(self.key(source), self.num_heads), split_heads(self.value(source), self.num_heads)
+  def keys_values(self, source, *, kv_heads_first=False):
+    """source [B, S, D] -> keys, values [B, S, H, Dh] ([B, H, S, Dh] with `kv_heads_first`), compute dtype."""
+    keys, values = split_heads(self.key(source), self.num_heads), split_heads(self.value(source), self.num_heads)
+    return (heads_first(keys), heads_first(values)) if kv_heads_first else (keys, values)
 
-  def attend(self, x, keys, values, mask=None):
-    """x [B, T, D] attends to keys, values [B, S, H, Dh]; mask bool broadcastable to [B, H, T, S] (True = visible)."""
-    heads = dot_product_attention(split_heads(self.query(x), self.num_heads), keys, values, mask)  # [B, T, H, Dh]
-    return self.out(merge_heads(heads))
+  def attend(self, x, keys, values, mask=None, *, kv_heads_first=False):
+    """x [B * G, T, D] attends to keys, values [B, S, H, Dh] (or [B, H, S, Dh] with `kv_heads_first`).
+
+    G >= 1 consecutive rows of x share one source (the G samples of one image): their queries attend together, so
+    the source's keys and values are projected and read once, not G times. mask: bool, broadcastable to
+    [B * G, H, T, S] (True = visible); a per-row mask has shape [B * G, 1, T, S].
+    """
+    rows = tf.shape(x)[0]
+    grouped = tf.reshape(x, [tf.shape(keys)[0], -1, self.dim])  # [B, G * T, D], rows (g, t) in order
+    if mask is not None and mask.shape.rank == 4 and mask.shape[0] != 1:
+      mask = tf.reshape(mask, [tf.shape(keys)[0], 1, -1, mask.shape[-1]])  # [B, 1, G * T, S]
+    heads = dot_product_attention(split_heads(self.query(grouped), self.num_heads), keys, values, mask,
+                                  kv_heads_first=kv_heads_first)  # [B, G * T, H, Dh]
+    return tf.reshape(self.out(merge_heads(heads)), tf.shape(x))
 
   def call(self, x, source=None, mask=None):
     keys, values = self.keys_values(x if source is None else source)
@@ -107,15 +118,15 @@ class DecoderBlock(keras.layers.Layer):
     x = x + self.cross_attn.attend(self.ln2(x), *memory_kv, cross_mask)
     return x + self.mlp(self.ln3(x))
 
-  def step(self, x, position, cache, cross_mask=None):
-    """One position: x [B, 1, D], position scalar int32, cache {k, v: [B, L, H, Dh], mem_k, mem_v}, cross_mask
-    [B, 1, 1, S] or None."""
+  def step(self, x, position, cache, memory_kv, cross_mask=None):
+    """One position: x [B * G, 1, D], position scalar int32, cache {k, v: [B * G, H, L, Dh]} (heads first),
+    memory_kv: cross-attention (keys, values) [B, H, S, Dh] of the B sources, cross_mask [B * G, 1, 1, S] or None."""
     h = self.ln1(x)
-    k, v = self.self_attn.keys_values(h)  # [B, 1, H, Dh]
-    positions = tf.range(cache["k"].shape[1])
-    write = tf.equal(positions, position)[None, :, None, None]  # [1, L, 1, 1]
+    k, v = self.self_attn.keys_values(h, kv_heads_first=True)  # [B * G, H, 1, Dh]
+    positions = tf.range(cache["k"].shape[2])
+    write = tf.equal(positions, position)[None, None, :, None]  # [1, 1, L, 1]
     cache = dict(cache, k=tf.where(write, k, cache["k"]), v=tf.where(write, v, cache["v"]))
     visible = (positions <= position)[None, :]  # [1, L]: this query sees positions 0..t
-    x = x + self.self_attn.attend(h, cache["k"], cache["v"], visible)
-    x = x + self.cross_attn.attend(self.ln2(x), cache["mem_k"], cache["mem_v"], cross_mask)
+    x = x + self.self_attn.attend(h, cache["k"], cache["v"], visible, kv_heads_first=True)
+    x = x + self.cross_attn.attend(self.ln2(x), *memory_kv, cross_mask, kv_heads_first=True)
     return x + self.mlp(self.ln3(x)), cache

@@ -96,12 +96,11 @@ def reward_losses(decoder, memory, labels, options, *, layout, reward_config, se
   if options.reinforce_samples == "all":  # every sample, each with its own advantage; row b * N + n
     num, length = samples.shape[1], samples.shape[2]
     chosen = tf.reshape(samples, [-1, length])  # [B * N, L]
-    memory = tf.repeat(memory, num, axis=0)
     advantages = tf.reshape(advantages, [-1] + advantages.shape[2:].as_list())  # [B * N] or [B * N, S]
     match_iou = tf.reshape(aux["match_iou"], [-1, length // sequence.TOKENS_PER_BOX])
   else:  # sample 0, as the seed
     chosen, advantages, match_iou = samples[:, 0], advantages[:, 0], aux["match_iou"][:, 0]
-  logits = decoder(decoder.shift_right(chosen), memory)  # [B', L, V]
+  logits = decoder(decoder.shift_right(chosen), memory)  # [B', L, V]; the N samples of an image share its memory
   terms = reinforce.reinforce_losses(logits=logits, tokens=chosen, advantages=advantages, match_iou=match_iou,
                                      reinforce_conf=options.reinforce_conf, **layout)
   terms.update(reward_statistics(rewards, aux, reward_config["reward_thr"]))
