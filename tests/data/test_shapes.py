@@ -1,5 +1,6 @@
 """Tests for the `tfreward_shapes` TFDS builder and its numpy renderer (host side: no XLA involved)."""
 
+import hashlib
 import logging
 
 import numpy as np
@@ -59,17 +60,18 @@ def test_render_is_deterministic_and_seed_dependent():
   assert not np.array_equal(a["image"], c["image"])
 
 
-@pytest.mark.parametrize("size", [128, 256])
-def test_render_invariants(size):
+@pytest.mark.parametrize("size, scene", [(128, shapes_render.Scene()), (256, shapes_render.Scene()),
+                                         (128, shapes.CROWDED)], ids=["128", "256", "crowded"])
+def test_render_invariants(size, scene):
   counts = []
   for index in range(40):
-    ex = shapes_render.render_example((7, 1, index), size=size)
+    ex = shapes_render.render_example((7, 1, index), size=size, scene=scene)
     n = len(ex["labels"])
     counts.append(n)
     assert ex["image"].shape == (size, size, 3) and ex["image"].dtype == np.uint8
     assert ex["mask"].shape == (size, size) and ex["mask"].dtype == np.uint8
     assert ex["boxes"].shape == (n, 4) and ex["boxes"].dtype == np.float32
-    assert ex["labels"].dtype == np.int64 and 1 <= n <= 8
+    assert ex["labels"].dtype == np.int64 and 1 <= n <= scene.max_objects
     assert np.all(ex["visible_fraction"] >= shapes_render.MIN_VISIBLE_FRACTION)
     np.testing.assert_array_equal(ex["mask"] > 0, ex["instances"] > 0)
     for k in range(n):
@@ -79,8 +81,30 @@ def test_render_invariants(size):
       expected = np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], np.float32) / size
       np.testing.assert_array_equal(ex["boxes"][k], expected)
       extent = max(ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min())
-      assert extent <= 64 * size / 128 + 2
+      assert extent <= scene.max_size * size / 128 + 2
   assert len(set(counts)) > 3  # Object counts vary.
+  if scene == shapes.CROWDED:  # a few placements may fail, but scenes stay crowded
+    assert np.mean(counts) > 20 and min(counts) >= 10
+
+
+def test_default_scenes_are_unchanged():
+  # The bytes of the original scenes (1-8 shapes of 8-64 px) did not move when the scene became a parameter.
+  digest = hashlib.sha256()
+  for index in range(3):
+    ex = shapes_render.render_example((7, 1, index))
+    for key in sorted(ex):
+      digest.update(ex[key].tobytes())
+  assert digest.hexdigest() == "1df3daab7680fbe58cef95731d94b0ed42f02316f89a2ef236ea2155652f5536"
+
+
+def test_bad_scene_raises():
+  for bad, match in ((dict(min_objects=0), "min_objects"), (dict(min_objects=9, max_objects=8), "max_objects"),
+                     (dict(max_objects=300), "254"), (dict(min_size=2.0), "min_size"),
+                     (dict(min_size=30.0, max_size=20.0), "max_size")):
+    with pytest.raises(ValueError, match=match):
+      shapes_render.Scene(**bad)
+  with pytest.raises(ValueError, match="scene"):
+    shapes.ShapesConfig(name="bad", scene={"max_objects": 3})
 
 
 def test_render_rejects_bad_size():
@@ -93,7 +117,8 @@ def test_render_rejects_bad_size():
 
 def test_configs_and_features(tmp_path):
   assert shapes.CLASS_NAMES == ("circle", "square", "triangle", "star", "ring", "cross") and shapes.NUM_CLASSES == 6
-  assert set(shapes.TfrewardShapes.builder_configs) == {"128", "256", "test"}
+  assert set(shapes.TfrewardShapes.builder_configs) == {"128", "256", "test", "crowded"}
+  assert shapes.TfrewardShapes.builder_configs["crowded"].scene == shapes.CROWDED
   assert tfds.builder("tfreward_shapes", data_dir=str(tmp_path)).builder_config.name == "128"
   for config, size in (("128", 128), ("256", 256)):
     builder = shapes.TfrewardShapes(config=config, data_dir=str(tmp_path))

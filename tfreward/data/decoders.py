@@ -102,6 +102,7 @@ _SPECS = {
     "tfreward_shapes/128": lambda: _shapes_spec("tfreward_shapes/128"),
     "tfreward_shapes/256": lambda: _shapes_spec("tfreward_shapes/256"),
     "tfreward_shapes/test": lambda: _shapes_spec("tfreward_shapes/test"),  # 40 train / 10 validation, for tests
+    "tfreward_shapes/crowded": lambda: _shapes_spec("tfreward_shapes/crowded"),  # 15-40 small shapes per image
     "coco/2017": lambda: DatasetSpec(name="coco/2017", tfds_name="coco/2017", tasks=("detection",),
                                      class_names=COCO_CLASS_NAMES, splits=("train", "validation", "test")),
     "cityscapes": lambda: DatasetSpec(

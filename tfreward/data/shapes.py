@@ -6,16 +6,20 @@ Configs:
   "128"  (default) 128x128 images, train 4000 / validation 500.
   "256"  256x256 images (shapes scaled x2), train 4000 / validation 500.
   "test" 128x128 images, train 40 / validation 10: builds in seconds, for tests.
-A custom `ShapesConfig(name=..., size=..., num_train=..., num_validation=...)` may be passed as `config=`.
+  "crowded" 128x128 images with 15-40 small shapes (6-24 pixels across), train 4000 / validation 500.
+A custom `ShapesConfig(name=..., size=..., num_train=..., num_validation=..., scene=shapes_render.Scene(...))` may be
+passed as `config=`.
 
-Example i of split s is drawn by `shapes_render.render_example(example_seed(s, i), size=...)`: it depends only on
-(BASE_SEED, s, i) and the image size, so every config with the same size shares its first examples.
+Example i of split s is drawn by `shapes_render.render_example(example_seed(s, i), size=..., scene=...)`: it depends
+only on (BASE_SEED, s, i), the image size and the scene, so configs with the same size and scene share their first
+examples.
 
 Features:
   image:             [S, S, 3] uint8 RGB.
   image/id:          int64 scalar, unique over all splits: 1 + i + 1_000_000 * (0 for train, 1 for validation).
   objects/bbox:      [N, 4] float32 yxyx normalised to [0, 1], the visible extent of the object's mask pixels.
-  objects/label:     [N] int64 in [0, 6), indices into CLASS_NAMES. N in [1, 8], objects in drawing order.
+  objects/label:     [N] int64 in [0, 6), indices into CLASS_NAMES. N in [1, 8] ([1, 40] for "crowded"), objects
+                     in drawing order.
   segmentation_mask: [S, S, 1] uint8, 0 for background and label + 1 on each object's visible pixels.
 """
 
@@ -36,6 +40,8 @@ ID_STRIDE = 1_000_000  # image/id = 1 + index + ID_STRIDE * SPLIT_INDEX[split].
 NAME = "tfreward_shapes"
 
 _LOG = logging.getLogger(__name__)
+# Many small objects: where greedy maximum-likelihood decoding of a sequence detector stops early or repeats itself.
+CROWDED = shapes_render.Scene(min_objects=15, max_objects=40, min_size=6.0, max_size=24.0)
 
 
 def example_seed(split, index):
@@ -61,11 +67,13 @@ class ShapesConfig(tfds.core.BuilderConfig):
     size: int >= 32. Image height and width in pixels; shape sizes scale with size / 128.
     num_train: int in [1, 1_000_000]. Number of train examples.
     num_validation: int in [1, 1_000_000]. Number of validation examples.
+    scene: `shapes_render.Scene`, the number and size of the shapes. Defaults to 1-8 shapes of 8-64 pixels.
   """
 
   size: int = 128
   num_train: int = 4000
   num_validation: int = 500
+  scene: shapes_render.Scene = shapes_render.Scene()
 
   def __post_init__(self):
     if not isinstance(self.size, int) or self.size < 32:
@@ -74,6 +82,8 @@ class ShapesConfig(tfds.core.BuilderConfig):
       value = getattr(self, field)
       if not isinstance(value, int) or not 1 <= value <= ID_STRIDE:
         raise ValueError(f"{field} must be an int in [1, {ID_STRIDE}], got {value!r}.")
+    if not isinstance(self.scene, shapes_render.Scene):
+      raise ValueError(f"scene must be a shapes_render.Scene, got {self.scene!r}.")
 
 
 class TfrewardShapes(tfds.core.GeneratorBasedBuilder):
@@ -86,6 +96,8 @@ class TfrewardShapes(tfds.core.GeneratorBasedBuilder):
       ShapesConfig(name="256", size=256, description="256x256 images, 4000 train / 500 validation."),
       ShapesConfig(name="test", size=128, num_train=40, num_validation=10,
                    description="128x128 images, 40 train / 10 validation, for tests."),
+      ShapesConfig(name="crowded", size=128, scene=CROWDED,
+                   description="128x128 images of 15-40 small shapes (6-24 px), 4000 train / 500 validation."),
   ]
   DEFAULT_CONFIG_NAME = "128"
 
@@ -120,9 +132,9 @@ class TfrewardShapes(tfds.core.GeneratorBasedBuilder):
     }
 
   def _generate_examples(self, split, num_examples):
-    size = self.builder_config.size
+    size, scene = self.builder_config.size, self.builder_config.scene
     for index in range(num_examples):
-      example = shapes_render.render_example(example_seed(split, index), size=size)
+      example = shapes_render.render_example(example_seed(split, index), size=size, scene=scene)
       yield index, {
           "image": example["image"],
           "image/id": image_id(split, index),
@@ -151,7 +163,8 @@ def ensure_built(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """Returns the builder of `name`, generating the dataset into `data_dir` first if it is not prepared.
 
   Args:
-    name: str. "tfreward_shapes" (config "128") or "tfreward_shapes/<config>" with config "128", "256" or "test".
+    name: str. "tfreward_shapes" (config "128") or "tfreward_shapes/<config>" with config "128", "256", "test" or
+      "crowded".
     data_dir: str or None. TFDS data directory; None for the TFDS default (~/tensorflow_datasets).
 
   Returns:

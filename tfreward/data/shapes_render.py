@@ -1,7 +1,7 @@
 """Draws one synthetic "shapes" example from a seed, in pure numpy (host side, used by the TFDS builder).
 
-A scene is a textured background (a two-colour gradient, soft blobs, optional stripes) with 1-8 solid shapes drawn
-back to front. Each shape is a vectorised mask over the pixel centres of its own crop. A shape is placed only if
+A scene is a textured background (a two-colour gradient, soft blobs, optional stripes) with solid shapes (1-8 by
+default; `Scene` sets their count and sizes) drawn back to front. Each shape is a vectorised mask over the pixel centres of its own crop. A shape is placed only if
 every shape drawn before it stays at least `MIN_VISIBLE_FRACTION` visible (otherwise a new placement is tried, and
 after `MAX_PLACEMENT_TRIES` the shape is skipped), so no object ends up hidden. Each shape gets a random colour
 (the best of up to 32 draws, aiming at `MIN_CONTRAST` from the mean colour of every region in its crop: background
@@ -10,6 +10,8 @@ instance map, so boxes and masks agree exactly. Per-pixel Gaussian noise is adde
 
 Random draws are made in units of a 128-pixel image and scaled to `size`, so size 256 gives shapes twice as large.
 """
+
+import dataclasses
 
 import numpy as np
 
@@ -22,6 +24,28 @@ MIN_AREA = 12  # Pixels (at 128) a shape must cover when drawn unoccluded.
 MIN_CONTRAST = 90.0  # Euclidean RGB distance from an object's colour to the mean colour of each region it meets.
 
 _CIRCLE, _SQUARE, _TRIANGLE, _STAR, _RING, _CROSS = range(NUM_SHAPE_CLASSES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """How many shapes a scene holds and how large they are (diameters in pixels of a 128-pixel image).
+
+  The defaults are the original scenes (their examples are unchanged). Attempts: a count is drawn uniformly in
+  [min_objects, max_objects]; a shape that cannot be placed (see the module docstring) is skipped, so crowded scenes
+  may hold a few fewer.
+  """
+  min_objects: int = 1
+  max_objects: int = MAX_OBJECTS
+  min_size: float = MIN_SIZE
+  max_size: float = MAX_SIZE
+
+  def __post_init__(self):
+    if not (isinstance(self.min_objects, int) and isinstance(self.max_objects, int)
+            and 1 <= self.min_objects <= self.max_objects <= 254):
+      raise ValueError(f"need ints 1 <= min_objects <= max_objects <= 254, got {self.min_objects!r}, "
+                       f"{self.max_objects!r}.")
+    if not 4.0 <= self.min_size <= self.max_size:
+      raise ValueError(f"need 4 <= min_size <= max_size (pixels at 128), got {self.min_size!r}, {self.max_size!r}.")
 
 
 def _regular_polygon(u, v, radius, sides):
@@ -124,16 +148,17 @@ def _local_colours(crop, crop_ids):
   return np.stack([crop[crop_ids == k].mean(axis=0) for k in present]).astype(np.float32)
 
 
-def render_example(seed, *, size=128):
+def render_example(seed, *, size=128, scene=Scene()):
   """Renders one example.
 
   Args:
-    seed: anything `numpy.random.default_rng` accepts (an int or a sequence of ints); the same seed and size give
-      the same bytes.
+    seed: anything `numpy.random.default_rng` accepts (an int or a sequence of ints); the same seed, size and scene
+      give the same bytes.
     size: int >= 32. Height and width of the square image in pixels.
+    scene: `Scene`, the number and size of the shapes. Defaults to 1-8 shapes of 8-64 pixels (at 128).
 
   Returns:
-    A dict of numpy arrays, N = number of objects in [1, 8], in drawing order (back to front):
+    A dict of numpy arrays, N = number of objects in [1, scene.max_objects], in drawing order (back to front):
       image: [size, size, 3] uint8 RGB.
       mask: [size, size] uint8, 0 for background and label + 1 on each object's visible pixels.
       instances: [size, size] uint8, 0 for background and k + 1 on the visible pixels of object k.
@@ -148,12 +173,12 @@ def render_example(seed, *, size=128):
   scale = size / 128.0
   image = _background(rng, size)
   instances = np.zeros((size, size), np.uint8)
-  visible = np.zeros(MAX_OBJECTS + 1, np.int64)  # Visible pixels per instance id (0 = background).
+  visible = np.zeros(scene.max_objects + 1, np.int64)  # Visible pixels per instance id (0 = background).
   drawn, labels = [], []  # Drawn (unoccluded) area and label per placed object.
-  for _ in range(rng.integers(1, MAX_OBJECTS + 1)):
+  for _ in range(rng.integers(scene.min_objects, scene.max_objects + 1)):
     label = int(rng.integers(NUM_SHAPE_CLASSES))
     for _ in range(MAX_PLACEMENT_TRIES):
-      diameter = rng.uniform(MIN_SIZE, MAX_SIZE) * scale
+      diameter = rng.uniform(scene.min_size, scene.max_size) * scale
       radius = 0.5 * diameter
       cy, cx = rng.uniform(radius, size - radius, size=2)
       angle, hole_ratio = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.45, 0.65)
@@ -166,7 +191,7 @@ def render_example(seed, *, size=128):
       if area < MIN_AREA * scale * scale:
         continue
       crop_ids = instances[y0:y1, x0:x1]
-      lost = np.bincount(crop_ids[mask], minlength=MAX_OBJECTS + 1)
+      lost = np.bincount(crop_ids[mask], minlength=scene.max_objects + 1)
       remaining = (visible - lost)[1:len(drawn) + 1]
       if np.any(remaining < MIN_VISIBLE_FRACTION * np.asarray(drawn, np.float64)):
         continue
