@@ -1,16 +1,30 @@
-"""SimOTA assignment + YOLOX loss per batch: tfreward's batched static-shape version under XLA beside the same
-computation written the reference's way (super-gradients `YoloXDetectionLoss`: a loop over images with
-data-dependent shapes, a Python loop over objects with a per-object top-k, eager TensorFlow).
+"""SimOTA assignment + YOLOX loss per batch, side by side in one run:
+
+  tfreward exact / fast   tfreward's batched static-shape loss (`variant="exact"` / `"fast"`), one XLA program;
+  super-gradients fast / exact   super-gradients' own `YoloXFastDetectionLoss` / `YoloXDetectionLoss` in PyTorch
+      (2 threads), run by `--reference-python` (a Python with torch and super-gradients, see bench/simota_sg.py);
+      "not installed" when that Python cannot import them;
+  reference-style eager   the exact variant written the reference's way in eager TensorFlow (a loop over images with
+      data-dependent shapes, a Python loop over objects with a per-object top-k).
 
 Default problem: B = 8 images of 640 x 640 (8400 anchors), 80 classes, 100 object slots with 100, 100, 80, 60, 40,
-20, 10 and 0 objects. Each implementation runs in its own subprocess with TensorFlow's BFC allocator on the CPU
-(TF_CPU_ALLOCATOR_USE_BFC=true; XLA's buffers go through it too); peak memory is the allocator's peak during the
-timed calls (after a warm-up call, so XLA compilation is not counted) above what was allocated before them. The
-BFC allocator may hand out a chunk up to 2x (at most +128 MB) larger than requested, so that peak is an upper
-bound; for XLA the exact working memory, the compiled program's preallocated temp buffer, is printed too.
+20, 10 and 0 objects, built from one numpy seed by every side. Each side runs in its own subprocess, one after the
+other; `--rounds N` repeats the sequence and reports medians over rounds (ratios are taken within each round, then
+their median), which is what to trust on a shared machine.
 
-  python bench/simota.py                      # forward (assignment + loss), about 1-2 minutes on 2 CPU cores
+Timing: after warm-up calls (XLA compilation, first eager kernels, PyTorch's allocator), the median of `--repeats`
+calls. The ground truth enters the compiled tfreward step as arguments, as in training (not as constants XLA could
+fold). Peak memory: TensorFlow sides, the BFC allocator's peak during the timed calls above what was allocated before
+them (TF_CPU_ALLOCATOR_USE_BFC=true; XLA's buffers go through it too; BFC may hand out a chunk up to 2x larger than
+requested, so an upper bound), and for XLA the compiled program's exact temp buffer; PyTorch, the growth of the
+process's resident set over one call, sampled every 0.2 ms by a thread, in a second process whose glibc returns
+freed blocks of 128 KiB or more to the system at once (see bench/simota_sg.py): the working memory of the call's
+tensors (a lower bound: small blocks and peaks shorter than 0.2 ms are missed).
+
+  python bench/simota.py --reference-python /work/scratch/refvenv/bin/python            # forward, about 3 minutes
+  python bench/simota.py --reference-python /work/scratch/refvenv/bin/python --rounds 3
   python bench/simota.py --grad --repeats 3   # forward and gradient w.r.t. the head outputs
+  python bench/simota.py --baseline /path/to/worktree/of/an/older/commit   # before/after in one run
 """
 
 import argparse
@@ -168,7 +182,8 @@ def _xla_temp_bytes(dump_dir):
 
 def child(args):
   dump_dir = tempfile.mkdtemp(prefix="simota_xla_dump_")
-  if args.mode == "xla":
+  xla = args.mode.startswith("xla")
+  if xla:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
   import tensorflow as tf
 
@@ -176,16 +191,19 @@ def child(args):
 
   outputs, boxes, classes, valid, rows = make_problem(args.batch, args.size, args.classes, args.max_objects)
   outputs = [tf.constant(o) for o in outputs]
-  if args.mode == "xla":
-    def step(outs):
+  if xla:
+    variant = args.mode.split("-")[1]
+    ground_truth = (tf.constant(boxes), tf.constant(classes), tf.constant(valid))
+
+    def step(outs, gt_boxes, gt_classes, gt_valid):
       with tf.GradientTape() as tape:
         tape.watch(outs)
-        result = yolox.yolox_loss(outs, boxes, classes, valid, num_classes=args.classes)
+        result = yolox.yolox_loss(outs, gt_boxes, gt_classes, gt_valid, num_classes=args.classes, variant=variant)
       grads = tape.gradient(result["total"], outs) if args.grad else []  # XLA prunes the unused tape
       return result["total"], tf.reduce_sum(tf.cast(result["fg_mask"], tf.int32)), grads
 
     compiled = tf.function(step, jit_compile=True)
-    run = lambda: [x.numpy() if hasattr(x, "numpy") else x for x in compiled(outputs)[:2]]  # noqa: E731
+    run = lambda: [x.numpy() for x in compiled(outputs, *ground_truth)[:2]]  # noqa: E731
   else:
     targets = tf.constant(rows)
 
@@ -202,6 +220,8 @@ def child(args):
   start = time.perf_counter()
   total, num_fg = run()  # warm-up: XLA compilation, first eager kernels
   first = time.perf_counter() - start
+  for _ in range(args.warmup - 1):
+    run()
   device = "CPU:0"
   resident = tf.config.experimental.get_memory_info(device)["current"]  # inputs and cached constants
   tf.config.experimental.reset_memory_stats(device)
@@ -213,9 +233,117 @@ def child(args):
   peak = tf.config.experimental.get_memory_info(device)["peak"] - resident
   temp = _xla_temp_bytes(dump_dir)
   shutil.rmtree(dump_dir, ignore_errors=True)
-  print(json.dumps({"mode": args.mode, "first_call_s": first, "median_s": statistics.median(times),
-                    "peak_mb": peak / 2**20, "xla_temp_mb": temp / 2**20, "total": float(total),
+  print(json.dumps({"mode": args.mode, "first_call_s": first, "median_s": statistics.median(times), "times_s": times,
+                    "peak_mb": peak / 2**20, "xla_temp_mb": temp / 2**20 if xla else None, "total": float(total),
                     "num_fg": int(num_fg)}))
+
+
+SIDES = ("xla-exact", "xla-fast", "base-exact", "base-fast", "sg_fast", "sg_exact", "reference")
+TITLES = {"xla-exact": "tfreward exact", "xla-fast": "tfreward fast", "base-exact": "baseline exact",
+          "base-fast": "baseline fast", "sg_fast": "super-gradients fast", "sg_exact": "super-gradients exact",
+          "reference": "reference-style"}
+NOTES = {"xla-exact": "XLA", "xla-fast": "XLA", "base-exact": "XLA, --baseline", "base-fast": "XLA, --baseline",
+         "sg_fast": "PyTorch", "sg_exact": "PyTorch", "reference": "TF eager"}
+
+
+SHORT = {"xla-exact": "tfr", "xla-fast": "tfr", "sg_fast": "s-g", "sg_exact": "s-g"}
+
+
+def run_round(args):
+  """Every side once, in its own subprocess: {side: result dict or {"error": ...}}."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  problem = ["--batch", str(args.batch), "--size", str(args.size), "--classes", str(args.classes),
+             "--max-objects", str(args.max_objects), "--repeats", str(args.repeats)] + (["--grad"] if args.grad else [])
+  env = {**os.environ, "PYTHONPATH": os.path.dirname(here),
+         "TF_CPU_ALLOCATOR_USE_BFC": "true"}  # the BFC allocator keeps peak statistics (XLA allocates through it)
+  results = {}
+  for side in ("xla-exact", "xla-fast") + (("base-exact", "base-fast") if args.baseline else ()):
+    mode = side.replace("base-", "xla-")
+    side_env = {**env, "PYTHONPATH": args.baseline} if side.startswith("base") else env
+    out = subprocess.run([sys.executable, __file__, "--mode", mode, "--warmup", str(args.warmup)] + problem,
+                         check=True, capture_output=True, text=True, env=side_env)
+    results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+  reference_python = args.reference_python or sys.executable
+  exact_repeats = str(min(args.repeats, args.exact_reference_repeats))
+  for variant in ("fast", "exact"):
+    cmd = [reference_python, os.path.join(here, "simota_sg.py"), "--variants", variant,
+           "--warmup", str(args.warmup)] + problem
+    if variant == "exact":
+      cmd[cmd.index("--repeats") + 1] = exact_repeats
+    try:
+      sg_env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+      out = subprocess.run(cmd, capture_output=True, text=True, env=sg_env)
+      lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+      results[f"sg_{variant}"] = lines[-1] if lines else {"error": f"failed: {out.stderr.strip()[-300:]}"}
+      if lines and "error" not in lines[-1]:  # memory in a second process (see bench/simota_sg.py)
+        out = subprocess.run(cmd + ["--memory"], capture_output=True, text=True, env=sg_env)
+        memory = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        results[f"sg_{variant}"]["peak_rss_mb"] = memory[-1].get("peak_rss_mb") if memory else None
+    except OSError as error:
+      results[f"sg_{variant}"] = {"error": f"not installed ({error})"}
+  if not args.skip_reference_style:
+    out = subprocess.run([sys.executable, __file__, "--mode", "reference", "--warmup", "1"] + problem,
+                         check=True, capture_output=True, text=True, env=env)
+    results["reference"] = json.loads(out.stdout.strip().splitlines()[-1])
+  return results
+
+
+def _cell(value, fmt, width):
+  return f"{'-' if value is None else format(value, fmt):>{width}}"
+
+
+def report(args, rounds):
+  sides = [s for s in SIDES if s in rounds[0]]
+  anchors = sum((args.size // s) ** 2 for s in STRIDES)
+  med = lambda side, key: (statistics.median([r[side][key] for r in rounds])  # noqa: E731
+                           if all(r[side].get(key) is not None and "error" not in r[side] for r in rounds) else None)
+  print(f"B={args.batch}, {args.size}x{args.size} ({anchors} anchors), {args.classes} classes, "
+        f"{args.max_objects} slots, {'forward + gradient' if args.grad else 'forward'}, median of {args.repeats} calls "
+        f"(super-gradients exact: {min(args.repeats, args.exact_reference_repeats)}), {len(rounds)} round(s), "
+        f"{os.cpu_count()} CPU cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+  width = 22
+  print(f"{'':34}" + "".join(f"{TITLES[s]:>{width}}" for s in sides))
+  print(f"{'':34}" + "".join(f"{NOTES[s]:>{width}}" for s in sides))
+  errors = {s: rounds[0][s]["error"] for s in sides if "error" in rounds[0][s]}
+  if errors:
+    status = {s: ("not installed" if "not installed" in errors[s] else "failed") if s in errors else "" for s in sides}
+    print(f"{'':34}" + "".join(f"{status[s]:>{width}}" for s in sides))
+
+  def ratio(side, key="median_s"):
+    if "error" in rounds[0]["sg_fast"] or "error" in rounds[0][side]:
+      return None
+    return statistics.median([r[side][key] / r["sg_fast"][key] for r in rounds])
+
+  print(f"{'time per batch (s)':34}" + "".join(_cell(med(s, "median_s"), ".3f", width) for s in sides))
+  if len(rounds) > 1:
+    per_round = {s: "-" if "error" in rounds[0][s] else " ".join(f"{r[s]['median_s']:.3f}" for r in rounds)
+                 for s in sides}
+    print(f"{'  per round (s)':34}" + "".join(f"{per_round[s]:>{width}}" for s in sides))
+  print(f"{'time / super-gradients fast':34}" + "".join(_cell(ratio(s), ".2f", width) for s in sides))
+  print(f"{'first call (compile, warm-up) (s)':34}" + "".join(_cell(med(s, "first_call_s"), ".2f", width)
+                                                               for s in sides))
+  tf_side = lambda s: not s.startswith("sg")  # noqa: E731
+  mem = {s: med(s, "peak_mb") if tf_side(s) else med(s, "peak_rss_mb") for s in sides}
+  print(f"{'peak memory (MB)':34}" + "".join(_cell(mem[s], ".0f", width) for s in sides))
+  how = {s: "BFC peak" if tf_side(s) else "RSS growth" for s in sides}
+  print(f"{'  measured as':34}" + "".join(f"{how[s]:>{width}}" for s in sides))
+  print(f"{'XLA temp buffer (MB)':34}" + "".join(_cell(med(s, "xla_temp_mb"), ".0f", width) for s in sides))
+  print(f"{'total loss':34}" + "".join(_cell(med(s, "total"), ".6f", width) for s in sides))
+  print(f"{'foreground anchors':34}" + "".join(_cell(med(s, "num_fg"), ".0f", width) for s in sides))
+  # The same variant must give the same loss: each side against super-gradients' (or, without it, tfreward's).
+  against = {"xla-exact": "sg_exact", "xla-fast": "sg_fast", "base-exact": "xla-exact", "base-fast": "xla-fast",
+             "reference": "sg_exact", "sg_fast": "xla-fast", "sg_exact": "xla-exact"}
+
+  def diff(side):
+    other = against[side]
+    if other not in rounds[0] or "error" in rounds[0][other] or "error" in rounds[0][side]:
+      other = "xla-exact" if side == "reference" else None
+    if other is None:
+      return "-"
+    a, b = rounds[0][side]["total"], rounds[0][other]["total"]
+    return f"{abs(a - b) / max(abs(b), 1e-12):.1e} vs {SHORT[other]}"
+
+  print(f"{'total: relative difference':34}" + "".join(f"{diff(s):>{width}}" for s in sides))
 
 
 def main():
@@ -225,34 +353,22 @@ def main():
   parser.add_argument("--classes", type=int, default=80)
   parser.add_argument("--max-objects", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=2, help="calls before timing (the first one compiles)")
+  parser.add_argument("--rounds", type=int, default=1, help="run every side this many times, report medians")
+  parser.add_argument("--exact-reference-repeats", type=int, default=3,
+                      help="at most this many timed calls of super-gradients' exact loss (seconds each)")
   parser.add_argument("--grad", action="store_true", help="also compute the gradient w.r.t. the head outputs")
-  parser.add_argument("--mode", choices=("xla", "reference"), help=argparse.SUPPRESS)
+  parser.add_argument("--reference-python", help="a Python with torch and super-gradients (default: this one)")
+  parser.add_argument("--skip-reference-style", action="store_true", help="leave out the eager TF rewrite")
+  parser.add_argument("--baseline", help="another checkout's root (e.g. a `git worktree` of an older commit): its "
+                      "tfreward runs too, in two more columns, for before/after in one run")
+  parser.add_argument("--mode", choices=("xla-exact", "xla-fast", "reference"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.size % 32:
     raise ValueError(f"--size must be a multiple of 32, got {args.size}.")
   if args.mode:
     return child(args)
-  results = {}
-  for mode in ("xla", "reference"):
-    cmd = [sys.executable, __file__, "--mode", mode] + sys.argv[1:]
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-           "TF_CPU_ALLOCATOR_USE_BFC": "true"}  # the BFC allocator keeps peak statistics (XLA allocates through it)
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-  x, r = results["xla"], results["reference"]
-  anchors = sum((args.size // s) ** 2 for s in STRIDES)
-  print(f"B={args.batch}, {args.size}x{args.size} ({anchors} anchors), {args.classes} classes, "
-        f"{args.max_objects} slots, {'forward + gradient' if args.grad else 'forward'}, "
-        f"median of {args.repeats}, {os.cpu_count()} CPU cores")
-  print(f"{'':28}{'tfreward XLA batched':>22}{'reference-style eager':>24}{'ratio ref/xla':>15}")
-  print(f"{'time per batch (s)':28}{x['median_s']:>22.3f}{r['median_s']:>24.3f}{r['median_s'] / x['median_s']:>15.1f}")
-  mem_ratio = f"{r['peak_mb'] / x['peak_mb']:.2f}" if min(x["peak_mb"], r["peak_mb"]) >= 1 else "-"
-  print(f"{'peak tensor memory (MB)':28}{x['peak_mb']:>22.0f}{r['peak_mb']:>24.0f}{mem_ratio:>15}")
-  print(f"{'XLA temp buffer (MB)':28}{x['xla_temp_mb']:>22.0f}{'-':>24}")
-  print(f"{'first call incl. compile (s)':28}{x['first_call_s']:>22.2f}{r['first_call_s']:>24.2f}")
-  rel = abs(x["total"] - r["total"]) / max(abs(r["total"]), 1e-12)
-  print(f"{'total loss':28}{x['total']:>22.6f}{r['total']:>24.6f}{'diff %.0e' % rel:>15}")
-  print(f"{'foreground anchors':28}{x['num_fg']:>22d}{r['num_fg']:>24d}")
+  report(args, [run_round(args) for _ in range(args.rounds)])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ NaN) is treated as padding: it takes no anchor and does not count in num_gts. (T
 from training labels; this covers labels given directly.)
 """
 
+import math
+
 import tensorflow as tf
 
 from tfreward.ops import boxes as box_ops
@@ -62,6 +64,23 @@ def _box_loss(pred_boxes, target_boxes, iou_type):
   return 1.0 - tf.clip_by_value(box_ops.elementwise_giou(pred_xyxy, target_xyxy), -1.0, 1.0)
 
 
+def _class_loss_sum(cls_logits, target_classes, matched_iou, fg, foreground, num_classes):
+  """Sum over foreground anchors and classes of BCE-with-logits against onehot(class) * matched IoU.
+
+  With the assignment's foreground list (K entries per image, fewer than A) only those anchors' logits are read
+  ([B, K, C] instead of [B, A, C]); the terms are the same, summed in another order.
+  """
+  if foreground is not None and foreground[0].shape[1] < cls_logits.shape[1]:
+    anchors, listed = foreground  # [B, K]
+    cls_logits = tf.gather(cls_logits, anchors, batch_dims=1)  # [B, K, C]
+    target_classes = tf.gather(target_classes, anchors, batch_dims=1)
+    matched_iou = tf.gather(matched_iou, anchors, batch_dims=1)
+    fg = listed
+  cls_targets = tf.one_hot(target_classes, num_classes) * matched_iou[..., None]
+  cls_bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=cls_targets, logits=cls_logits)
+  return tf.reduce_sum(tf.where(fg[..., None], cls_bce, 0.0))
+
+
 def _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), num_classes, use_l1=False,
                     iou_type="iou", variant="exact"):
   """Assignment and un-normalised loss sums of this replica's images (no cross-replica op; XLA-safe anywhere).
@@ -77,10 +96,11 @@ def _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
   _check_args(outputs, strides, num_classes, iou_type, variant)
   with tf.name_scope("yolox_loss"):
     grid_xy, anchor_strides = yolox_grid.anchor_grid(outputs, strides)  # [A, 2], [A]
-    raw = tf.cast(yolox_grid.flatten_levels(outputs), tf.float32)  # [B, A, 5 + C]
+    # Boxes and objectness apart from the class logits: one [B, A, C] copy of the logits, not a [B, A, 5 + C] one too.
+    raw = tf.cast(yolox_grid.flatten_levels([output[..., :5] for output in outputs]), tf.float32)  # [B, A, 5]
+    cls_logits = tf.cast(yolox_grid.flatten_levels([output[..., 5:] for output in outputs]), tf.float32)  # [B, A, C]
     pred_boxes = yolox_grid.decode_boxes(raw[..., :4], grid_xy, anchor_strides)  # [B, A, 4] cxcywh
     obj_logits = raw[..., 4]  # [B, A]
-    cls_logits = raw[..., 5:]  # [B, A, C]
     gt_boxes = tf.cast(gt_boxes, tf.float32)
     gt_valid = tf.cast(gt_valid, tf.bool) & box_ops.positive_extent(gt_boxes, "cxcywh")
     gt_classes = tf.cast(gt_classes, tf.int32)
@@ -90,9 +110,9 @@ def _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
     gt_boxes = tf.where(gt_valid[..., None], gt_boxes, 0.0)
     gt_classes = tf.where(gt_valid, gt_classes, 0)
 
-    assignment = simota.simota_assign(
+    assignment, details = simota.simota_assign_with_details(
         pred_boxes, obj_logits, cls_logits, yolox_grid.cell_centers(grid_xy, anchor_strides), anchor_strides,
-        gt_boxes, gt_classes, gt_valid, variant=variant)
+        gt_boxes, gt_classes, gt_valid, variant=variant, levels=yolox_grid.static_level_sizes(outputs))
     fg = assignment["fg_mask"]
     fg_float = tf.cast(fg, tf.float32)
     slot = tf.maximum(assignment["matched_gt"], 0)
@@ -102,16 +122,17 @@ def _loss_sums(outputs, gt_boxes, gt_classes, gt_valid, *, strides=(8, 16, 32), 
 
     iou_sum = tf.reduce_sum(tf.where(fg, _box_loss(pred_boxes, safe_boxes, iou_type), 0.0))
     obj_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=fg_float, logits=obj_logits))
-    cls_targets = tf.one_hot(target_classes, num_classes) * assignment["matched_iou"][..., None]  # [B, A, C]
-    cls_bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=cls_targets, logits=cls_logits)
-    cls_sum = tf.reduce_sum(tf.where(fg[..., None], cls_bce, 0.0))
+    cls_sum = _class_loss_sum(cls_logits, target_classes, assignment["matched_iou"], fg,
+                              details.get("foreground"), num_classes)
     if use_l1:
       l1_targets = yolox_grid.encode_l1_targets(target_boxes, grid_xy, anchor_strides)  # [B, A, 4]
       l1 = tf.where(fg[..., None], tf.abs(raw[..., :4] - tf.stop_gradient(l1_targets)), 0.0)
       l1_sum = tf.reduce_sum(l1)
     else:
       l1_sum = tf.constant(0.0)
-    ok = finite.all_finite(raw, tf.square(pred_boxes[..., 2] * pred_boxes[..., 3]))
+    # = all_finite(raw, areas): the assignment has checked the class logits already.
+    ok = finite.all_finite(raw, tf.square(pred_boxes[..., 2] * pred_boxes[..., 3]),
+                           tf.where(details["class_logits_finite"], 0.0, math.nan))
     sums = {"iou": iou_sum, "obj": obj_sum, "cls": cls_sum, "l1": l1_sum,
             "total": IOU_WEIGHT * iou_sum + obj_sum + cls_sum + l1_sum}
     return {

@@ -48,6 +48,17 @@ def anchor_grid(outputs, strides):
   return tf.concat(grids, axis=0), tf.concat(level_strides, axis=0)
 
 
+def static_level_sizes(outputs):
+  """((h_l, w_l), ...) of the levels when every grid size is static, else None (for `simota.simota_assign`)."""
+  sizes = []
+  for output in outputs:
+    h, w = _level_hw(output)
+    if not isinstance(h, int) or not isinstance(w, int):
+      return None
+    sizes.append((h, w))
+  return tuple(sizes)
+
+
 def flatten_levels(outputs):
   """Concatenates per-level head outputs in anchor order. L x [B, h_l, w_l, D] -> [B, A, D] (dtype kept)."""
   flat = []
