@@ -14,13 +14,22 @@ Columns: milliseconds per call (median), for this matcher compiled with XLA, `sc
 looping over the problems on the host (valid rows only), and `official.projects.detr.ops.matchers.
 hungarian_matching` (tf-models-official, optional; square problems only, so (a) is padded to 300 x 300) compiled
 with XLA. It prints "not installed" when `official` cannot be imported.
+
+Peak memory of one call: for tfreward, the peak of TensorFlow's CPU allocator (BFC, TF_CPU_ALLOCATOR_USE_BFC=true)
+above what was in use before the call (the compiled program's temporaries and outputs), measured in a child process
+so that the allocator setting does not touch the timings; for scipy, the tracemalloc peak of the host loop (the
+copied valid rows and scipy's work arrays).
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+import tracemalloc
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -61,7 +70,8 @@ def detr_costs(rng, *, batch=8, groups=11, queries=300, padded=100, classes=91):
 
 
 def time_ms(fn, repeats):
-  """Median and fastest wall time of `repeats` calls, in milliseconds."""
+  """Median and fastest wall time of `repeats` calls after one warm-up call, in milliseconds."""
+  fn()
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -133,14 +143,55 @@ def fmt(value, unit="ms"):
   return "not installed" if value is None else f"{value:.2f} {unit}"
 
 
+def workloads(seed, batches):
+  """The (a) batches and the (b) problems, the same for a given seed."""
+  rng = np.random.default_rng(seed)
+  batches_a = [detr_costs(rng) for _ in range(batches)]
+  cost_b = rng.random((2, 300, 300)).astype(np.float32)
+  return batches_a, (cost_b, np.ones((2, 300), bool))
+
+
+def tf_peak_bytes(cost, valid):
+  """Peak bytes of TF's BFC CPU allocator above its use before one call (needs TF_CPU_ALLOCATOR_USE_BFC=true)."""
+  fn = tf.function(matching.linear_sum_assignment, jit_compile=True)
+  cost_t, valid_t = tf.constant(cost), tf.constant(valid)
+  fn(cost_t, valid_t).numpy()
+  tf.config.experimental.reset_memory_stats("CPU:0")
+  before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+  fn(cost_t, valid_t).numpy()
+  return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+
+
+def scipy_peak_bytes(cost, valid):
+  """tracemalloc peak of one host loop over the problems."""
+  tracemalloc.start()
+  scipy_solve(cost, valid)
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  return peak
+
+
+def tf_memory(seed):
+  """Runs this script in a child process with the BFC allocator: {"a": bytes, "b": bytes} (first (a) batch)."""
+  env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true")
+  out = subprocess.run([sys.executable, __file__, "--memory-child", "--seed", str(seed)], env=env, check=True,
+                       capture_output=True, text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batches", type=int, default=10, help="random Group DETR batches for (a)")
   parser.add_argument("--repeats", type=int, default=20, help="timed calls per batch (median)")
   parser.add_argument("--garden-repeats", type=int, default=1, help="timed calls of the Model Garden matcher")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  rng = np.random.default_rng(args.seed)
+  batches_a, (cost_b, valid_b) = workloads(args.seed, args.batches)
+  if args.memory_child:
+    print(json.dumps({"a": tf_peak_bytes(*batches_a[0][:2]), "b": tf_peak_bytes(cost_b, valid_b)}))
+    return
+  load_start = os.getloadavg()
 
   print(f"TensorFlow {tf.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
         f"garden: {'installed' if garden_matchers is not None else 'not installed'}")
@@ -148,8 +199,7 @@ def main():
   # (a) Group DETR workload.
   ours, scipy_times, trips, max_rows, worst = [], [], [], [], 0.0
   garden_a = None
-  for i in range(args.batches):
-    cost, valid, counts = detr_costs(rng)
+  for i, (cost, valid, counts) in enumerate(batches_a):
     times, n_trips, assignment = run_ours(cost, valid, args.repeats)
     worst = max(worst, check_optimal(cost, valid, assignment))
     ours.append(times)
@@ -163,32 +213,39 @@ def main():
   scipy_a = statistics.median(t[0] for t in scipy_times)
 
   # (b) Square 2 x 300 x 300.
-  cost_b = rng.random((2, 300, 300)).astype(np.float32)
-  valid_b = np.ones((2, 300), bool)
-  (ours_b, fastest_b), trips_b, assignment_b = run_ours(cost_b, valid_b, max(3, args.repeats // 4))
+  (ours_b, fastest_b), trips_b, assignment_b = run_ours(cost_b, valid_b, args.repeats)
   worst = max(worst, check_optimal(cost_b, valid_b, assignment_b))
   scipy_b, scipy_fastest_b = time_ms(lambda: scipy_solve(cost_b, valid_b), args.repeats)
   garden_b = run_garden(cost_b, args.garden_repeats)
+  memory = tf_memory(args.seed)
+  scipy_memory = {"a": scipy_peak_bytes(*batches_a[0][:2]), "b": scipy_peak_bytes(cost_b, valid_b)}
+  load_end = os.getloadavg()
 
   print()
-  print("Median ms per call:")
+  print(f"Median ms per call ({args.repeats} calls after a warm-up; (a): median over {args.batches} batches of the "
+        f"per-batch medians); peak memory of one call ((a): first batch), tfreward: TF's BFC CPU allocator peak "
+        f"above the bytes in use before the call, scipy: tracemalloc peak:")
   print()
-  print("| workload | tfreward (XLA) | scipy (host loop) | Model Garden (XLA) | tfreward / scipy | garden / tfreward |")
-  print("|---|---|---|---|---|---|")
-  for name, mine, sp, garden in (("(a) Group DETR 8x11x[100, 300]", ours_a, scipy_a, garden_a),
-                                 ("(b) square 2x[300, 300]", ours_b, scipy_b, garden_b)):
+  print("| workload | tfreward (XLA) | scipy (host loop) | tfreward / scipy | tfreward peak memory | scipy peak memory "
+        "| Model Garden (XLA) | garden / tfreward |")
+  print("|---|---|---|---|---|---|---|---|")
+  for key, name, mine, sp, garden in (("a", "(a) Group DETR 8x11x[100, 300]", ours_a, scipy_a, garden_a),
+                                      ("b", "(b) square 2x[300, 300]", ours_b, scipy_b, garden_b)):
     ratio = "n/a" if garden is None else f"{garden / mine:.0f}x"
-    print(f"| {name} | {fmt(mine)} | {fmt(sp)} | {fmt(garden)} | {mine / sp:.2f} | {ratio} |")
+    print(f"| {name} | {fmt(mine)} | {fmt(sp)} | {mine / sp:.2f} | {memory[key] / 2**20:.2f} MiB | "
+          f"{scipy_memory[key] / 2**20:.2f} MiB | {fmt(garden)} | {ratio} |")
   print()
+  print(f"Load average (1, 5, 15 min) at the start: {', '.join(f'{x:.2f}' for x in load_start)}; at the end: "
+        f"{', '.join(f'{x:.2f}' for x in load_end)}.")
   print(f"Python -> XLA call overhead alone (a compiled call reading one entry of the same inputs), median / "
         f"fastest: {dispatch_a[0]:.2f} / {dispatch_a[1]:.2f} ms; inside a compiled train step it is not paid.")
   print(f"Fastest call: (a) tfreward {min(t[1] for t in ours):.2f} ms, scipy {min(t[1] for t in scipy_times):.2f} "
         f"ms; (b) tfreward {fastest_b:.2f} ms, scipy {scipy_fastest_b:.2f} ms.")
   print(f"(a) per batch (median ms): tfreward {' '.join(f'{t[0]:.2f}' for t in ours)}; "
         f"scipy {' '.join(f'{t[0]:.2f}' for t in scipy_times)}")
-  print(f"(a) loop trips (greedy + search) {', '.join(f'{g}+{n}' for g, n in trips)}; "
+  print(f"(a) loop trips (greedy start + row reduction and searches) {', '.join(f'{g}+{n}' for g, n in trips)}; "
         f"largest image per batch {max_rows} targets; Model Garden timed on the first batch only.")
-  print(f"(b) loop trips (greedy + search) {trips_b[0]}+{trips_b[1]}.")
+  print(f"(b) loop trips (greedy start + row reduction and searches) {trips_b[0]}+{trips_b[1]}.")
   print(f"Largest relative gap to scipy's optimal total cost: {worst:.1e}")
 
 

@@ -194,6 +194,38 @@ def test_loop_stops_after_the_work_is_done():
   assert 0 < trips.numpy()[1] <= 3 * 3
 
 
+def test_larger_problems_need_row_reduction_and_searches():
+  """48 x 48 problems: the greedy start leaves many rows free, so the row reduction (queue, bids, bumped rows,
+  second choices, price wars) and several lanes of searches all run; ties and equal-cost assignments included."""
+  rng = np.random.default_rng(23)
+  shape = (3, 48, 48)
+  for kind in ("uniform", "lowrank", "ties", "integers"):
+    if kind == "uniform":
+      cost = rng.random(shape)
+    elif kind == "lowrank":  # c[i, j] = a[i] + b[j]: every complete assignment is optimal
+      cost = rng.random(shape[:2] + (1,)) + rng.random(shape[:1] + (1,) + shape[2:])
+    else:
+      cost = _costs(kind, shape, rng)
+    cost = cost.astype(np.float32)
+    valid = np.ones(shape[:2], bool)
+    valid[2, ::3] = False  # one rectangular problem
+    assignment, trips = _jit_solve_with_trips(cost, valid)
+    _check_optimal(cost, valid, assignment.numpy())
+    assert trips.numpy()[1] > 0
+  np.testing.assert_array_equal(matching.linear_sum_assignment(cost, valid).numpy(), assignment.numpy())
+
+
+def test_many_problems_across_greedy_chunks():
+  """More valid rows than one greedy trip reads: problems straddle the chunks, padding rows are skipped."""
+  rng = np.random.default_rng(29)
+  cost = rng.normal(size=(128, 6, 15)).astype(np.float32)
+  valid = np.arange(6) < rng.integers(0, 7, size=(128, 1))  # padded targets, 0 to 6 per problem (> 256 rows)
+  valid[5, [1, 3]] = False  # and a problem with holes
+  assignment, trips = _jit_solve_with_trips(cost, valid)
+  _check_optimal(cost, valid, assignment.numpy())
+  assert trips.numpy()[0] >= 2
+
+
 @pytest.mark.parametrize("bad", [
     dict(cost=np.zeros((4,), np.float32)),
     dict(cost=np.zeros((2, 5, 4), np.float32)),

@@ -2,20 +2,23 @@
 
 `linear_sum_assignment` solves a batch of problems at once: each valid row (a ground-truth object) gets a distinct
 column (a prediction) so that the total cost is minimal, like `scipy.optimize.linear_sum_assignment`, but inside a
-compiled step with static shapes. Shortest augmenting paths with dual variables (Jonker-Volgenant, the method of
-scipy's rectangular solver), vectorised over problems:
+compiled step with static shapes. Jonker-Volgenant (LAPJV): column duals v and implied row duals, vectorised:
 
-  1. Greedy start: every row takes its cheapest column, the lowest row index keeping a contested one (column duals
-     v = 0, row duals = row minima: dual feasible, assigned pairs tight). On detection costs this settles most
-     rows. Only valid rows are read: those of the whole batch are packed and visited 256 per loop trip, so padding
-     rows cost nothing and the cost matrix is never copied or scanned in full.
-  2. Searches: each unsettled row roots a Dijkstra search over reduced costs `c[i, j] - u[i] - v[j]`, one popped
-     column (O(C) work) per trip. A row joining the search tree stores the columns of its tree path as a bit set,
-     so the trip that reaches a free column also flips the augmenting path and updates the column duals (no
-     back-tracking trips). Row duals are implied by the tight pairs, `u[i] = c[i, col(i)] - v[col(i)]`.
-  3. Only problems with unsettled rows are searched, 32 lanes at a time; a lane moves on to its problem's next
-     free row after each augmentation, and the loop stops when every lane is done: trips = the largest number of
-     Dijkstra steps of any problem (per wave of 32 problems), not rows x columns.
+  1. Greedy start (`matching_init.greedy_start`): every valid row takes its cheapest column, the first row keeping
+     a contested one. Only the rows up to each problem's last valid row are read, a few hundred per loop trip.
+  2. Augmenting row reduction over the whole batch (`matching_init.row_reduction`): the free rows, queued, bid
+     16 per trip for their cheapest column, lowering its dual by their gap to the second cheapest (auction with
+     eps = 0); the largest offer wins, a loser takes its second column if that is free; bumped rows are queued
+     again. Stops when the queue is empty or after a run of trips that take no free column (a price war).
+  3. Shortest augmenting paths (`_search`) for the rows still free: one label-correcting Dijkstra per problem at a
+     time, problems in 32 lanes, each trip relaxing up to 8 columns per lane (the nearest open column of each of
+     8 column groups); when no open column is left below the nearest free column, that column ends a shortest
+     augmenting path: the same trip updates the duals and flips the path (a short loop over its columns).
+
+Every phase keeps v <= 0, v = 0 on free columns and every assigned row on a column of least reduced cost, so the
+result is optimal. XLA:CPU runs a loop trip as a few dozen kernels (thunks) of ~0.2-1 us each, so the work is shaped
+for it: cost rows are read with one-row gathers (dynamic slices, 4 fused per kernel; a gather of many rows from the
+large cost matrix is split across threads), and the arrays of a trip stay small.
 
 Non-finite costs: NaN and +inf are forbidden pairs, -inf preferred pairs. They stand for `hi + R * (hi - lo) + 1`
 and `lo - R * (hi - lo) - 1`, lo and hi being the smallest and largest finite costs of the problem's valid rows,
@@ -26,30 +29,171 @@ pairs as possible otherwise (where scipy raises). Finite costs must keep |cost| 
 
 import tensorflow as tf
 
+from tfreward.ops import matching_init
 
-def _stand_ins(cost, row_valid, non_finite):
-  """[P] float32 values standing for forbidden (NaN, +inf) and preferred (-inf) pairs.
 
-  They need the finite cost range, a full pass over the costs: a loop of at most one trip skips it when every cost
-  is finite (XLA would turn a tf.cond this cheap into a select and always pay for it).
+def _augment(row4col, pred, owner, sink, done):
+  """Flips the augmenting paths ending at column `sink` [L] of the lanes `done` [L], one column per loop trip.
+
+  pred: [L, C] int32 extended column (0 the root, j + 1 column j) whose row reached each column; owner: [L, C + 1]
+  int32 row of each extended column before the flip.
   """
-  def finite_range(done, lo, hi):
-    finite = tf.math.is_finite(cost) & row_valid[:, :, None]
-    lo = tf.reduce_min(tf.where(finite, cost, float("inf")), axis=[1, 2])
-    hi = tf.reduce_max(tf.where(finite, cost, float("-inf")), axis=[1, 2])
-    return tf.constant(True), tf.where(lo <= hi, lo, 0.0), tf.where(lo <= hi, hi, 0.0)
+  col_ids = tf.range(row4col.shape[-1], dtype=tf.int32)
 
-  zeros = tf.zeros(tf.shape(cost)[:1])
-  _, lo, hi = tf.while_loop(lambda done, *_: tf.logical_not(done), finite_range,
-                            (tf.logical_not(non_finite), zeros, zeros))
-  span = (hi - lo) * float(cost.shape[-2]) + 1.0
-  return hi + span, lo - span
+  def hop(col, row4col):
+    here = tf.maximum(col - 1, 0)
+    back = tf.gather(pred, here, batch_dims=1)  # [L] extended column before this one on the path
+    row4col = tf.where((col > 0)[:, None] & tf.equal(col_ids, here[:, None]),
+                       tf.gather(owner, back, batch_dims=1)[:, None], row4col)
+    return tf.where(col > 0, back, 0), row4col
+
+  return tf.while_loop(lambda col, _: tf.reduce_any(col > 0), hop, (tf.where(done, sink + 1, 0), row4col),
+                       maximum_iterations=row4col.shape[-1])[1]
 
 
-def _sanitize(row_cost, forbidden, preferred):
-  """Replaces non-finite entries of [P, C] costs by the [P] stand-ins."""
-  replaced = tf.where(tf.equal(row_cost, float("-inf")), preferred[:, None], forbidden[:, None])
-  return tf.where(tf.math.is_finite(row_cost), row_cost, replaced)
+def _relax(blocks, v, lane, pop, offset, floor):
+  """Distances through the rows of the popped columns: per lane, the least over its slots of max(c - v + offset, floor).
+
+  Args:
+    blocks: [<= 4, C] sanitized cost rows of the [L * K] slots (lane-major); v: [L, C] column duals.
+    lane, pop: [L * K] int32 lane and popped extended column of each slot; offset, floor: [L * K] float32.
+
+  Returns:
+    best: [L, C] float32 least distance to each column; parent: [L, C] int32 the popped column attaining it (the
+    lowest on ties).
+  """
+  num_lanes, num_cols = v.shape
+  through = []
+  for k, block in enumerate(blocks):
+    part = slice(4 * k, 4 * k + block.shape[0])
+    through.append(tf.maximum(block - tf.gather(v, lane[part]) + offset[part, None], floor[part, None]))
+  through = tf.reshape(tf.concat(through, 0), [num_lanes, -1, num_cols])  # [L, K, C]
+  best = tf.reduce_min(through, axis=1)
+  pops = tf.reshape(pop, [num_lanes, -1, 1])
+  return best, tf.reduce_min(tf.where(through <= best[:, None, :], pops, tf.int32.max), axis=1)
+
+
+def _search(flat_cost, base, row4col, v, free, forbidden, preferred, pops):
+  """Shortest augmenting paths for the free rows of every lane, `pops` columns relaxed per lane and trip.
+
+  One search per lane at a time, rooted at the lowest free row: a label-correcting Dijkstra over reduced costs, on
+  extended columns (0 the root, j + 1 column j). Every trip relaxes the rows of up to `pops` columns whose distance
+  fell since they were last relaxed and stays below the nearest free column (the nearest such column of each
+  group `extended column % pops`, so the nearest overall too); when none is left, that free column ends a shortest
+  augmenting path, and the same trip updates the duals, flips the path and starts the lane's next search. Row
+  duals are implied by the tight pairs; the root's is left at 0, which shifts its search's distances by a constant.
+
+  Args:
+    flat_cost: [P * R, C] float32 costs; base: [L] int32 flat id of row 0 of each lane's problem.
+    row4col: [L, C] int32 (-1 free); v: [L, C] float32 column duals; free: [L, R] bool free valid rows.
+    forbidden, preferred: [L] float32 stand-ins; pops: int, columns relaxed per lane and trip.
+
+  Returns:
+    row4col: [L, C] int32 complete assignment; trips: int32 scalar.
+  """
+  (num_lanes, num_cols), num_rows = row4col.shape, free.shape[-1]
+  ext_ids = tf.range(num_cols + 1, dtype=tf.int32)
+  row_ids = tf.range(num_rows, dtype=tf.int32)
+  lane = tf.repeat(tf.range(num_lanes, dtype=tf.int32), pops)  # [L * K]
+  slot_forbidden, slot_preferred = tf.gather(forbidden, lane), tf.gather(preferred, lane)
+  inf = float("inf")
+
+  def start(free):
+    """Each lane's next root (R if none), distances (0 for the root) and open columns (the root)."""
+    root = tf.reduce_min(tf.where(free, row_ids, num_rows), axis=-1)
+    is_root = tf.equal(ext_ids, 0)
+    return root, tf.where(is_root, 0.0, inf) + tf.zeros([num_lanes, 1]), is_root & (root < num_rows)[:, None]
+
+  def finish(done, row4col, v, free, root, dist, pred, open_, nearest):
+    """Ends the searches of the lanes `done`: duals, path flip, next root."""
+    owner = tf.concat([root[:, None], row4col], axis=1)
+    free_col = tf.pad(row4col < 0, [[0, 0], [1, 0]])
+    v = tf.where(done[:, None] & (dist[:, 1:] < nearest[:, None]), v - (nearest[:, None] - dist[:, 1:]), v)
+    sink = tf.reduce_min(tf.where(free_col & (dist <= nearest[:, None]), ext_ids, num_cols + 1), axis=-1) - 1
+    row4col = _augment(row4col, pred, owner, sink, done)
+    free &= tf.logical_not(done[:, None] & tf.equal(row_ids, root[:, None]))
+    new_root, new_dist, new_open = start(free)
+    done_ext = done[:, None]
+    return (row4col, v, free, tf.where(done, new_root, root), tf.where(done_ext, new_dist, dist), pred,
+            tf.where(done_ext, new_open, open_), tf.where(done, inf, nearest))
+
+  def body(trips, row4col, v, free, root, dist, pred, open_, nearest):
+    # The nearest open column of each group (the lowest index on ties).
+    key = tf.where(open_, dist, inf)
+    low = matching_init.grouped_min(key, pops, inf)  # [L, K]
+    tiled = tf.tile(low, [1, -(-(num_cols + 1) // pops)])[:, :num_cols + 1]  # low of each column's group
+    pop = matching_init.grouped_min(tf.where(open_ & (key <= tiled), ext_ids, num_cols), pops, num_cols)
+    ok, pop = tf.reshape(low < inf, [-1]), tf.reshape(pop, [-1])  # [L * K] lane-major; pop is C when not ok
+    owner = tf.concat([root[:, None], row4col], axis=1)  # [L, C + 1] row reached through each extended column
+    row = tf.clip_by_value(tf.gather(tf.reshape(owner, [-1]), lane * (num_cols + 1) + pop), 0, num_rows - 1)
+    blocks = matching_init.cost_rows(flat_cost, tf.gather(base, lane) + row, slot_forbidden, slot_preferred)
+    # A held column's row dual is its reduced cost there: c[row, col] - v[col].
+    held = tf.maximum(pop - 1, 0)
+    own = tf.concat([tf.gather(block, held[4 * k:4 * k + block.shape[0]], batch_dims=1)
+                     for k, block in enumerate(blocks)], 0) - tf.gather(tf.reshape(v, [-1]), lane * num_cols + held)
+    at = tf.where(ok, tf.gather(tf.reshape(dist, [-1]), lane * (num_cols + 1) + pop), inf)
+    root_slot = tf.equal(pop, 0)
+    best, parent = _relax(blocks, v, lane, pop, tf.where(root_slot, 0.0, at - own), tf.where(root_slot, -inf, at))
+    update = best < dist[:, 1:]
+    popped = tf.reduce_any(tf.equal(ext_ids[:, None], tf.reshape(pop, [num_lanes, 1, pops]))
+                           & tf.reshape(ok, [num_lanes, 1, pops]), axis=-1)  # [L, C + 1]
+    dist = tf.concat([dist[:, :1], tf.where(update, best, dist[:, 1:])], axis=1)
+    pred = tf.where(update, parent, pred)
+    nearest = tf.reduce_min(tf.where(row4col < 0, dist[:, 1:], inf), axis=-1)  # [L]
+    # A column stays open while its distance fell since its row was relaxed and it is nearer than a free column.
+    open_ = ((open_ & tf.logical_not(popped)) | tf.pad(update, [[0, 0], [1, 0]])) & (dist < nearest[:, None])
+    done = (root < num_rows) & tf.logical_not(tf.reduce_any(open_, axis=-1))
+    state = (row4col, v, free, root, dist, pred, open_, nearest)
+    return (trips + 1,) + tuple(tf.cond(tf.reduce_any(done), lambda: finish(done, *state), lambda: state))
+
+  root, dist, open_ = start(free)
+  init = (tf.constant(0, tf.int32), row4col, v, free, root, dist, tf.zeros_like(row4col), open_,
+          tf.fill([num_lanes], inf))
+  out = tf.while_loop(lambda trips, row4col, v, free, root, *_: tf.reduce_any(root < num_rows), body, init,
+                      maximum_iterations=4 * (num_rows + 1) * (num_cols + 1))
+  return out[1], out[0]
+
+
+def _solve(cost, row_valid, lanes=32, bidders=16, pops=8, patience=16, chunk_bytes=1 << 18, rows_per_trip=32):
+  """Solves [P, R, C] float32 problems with [P, R] bool valid rows.
+
+  Greedy start (`chunk_bytes` of rows per trip) and row reduction (`bidders` rows per trip, `patience`) over the
+  whole batch, then shortest augmenting path searches for the problems that still have free rows, `lanes` of them
+  at a time (waves), each relaxing up to `pops` columns per trip (at most `rows_per_trip` cost rows over all lanes).
+
+  Returns [P, R] int32 columns (-1 for invalid rows) and int32 [3] loop trips (greedy, reduction, searches).
+  """
+  num_rows, num_cols = cost.shape[-2], cost.shape[-1]
+  num_problems = tf.shape(cost)[0]
+  flat_cost = tf.reshape(cost, [-1, num_cols])
+  chunk = max(8, min(256, chunk_bytes // (4 * num_cols)))
+  row4col, col4row, queue, queued, non_finite, greedy_trips = matching_init.greedy_start(cost, row_valid, chunk)
+  forbidden, preferred = matching_init.stand_ins(cost, row_valid, non_finite)
+  row4col, col4row, v, rounds = matching_init.row_reduction(flat_cost, row4col, col4row, queue, queued, forbidden,
+                                                            preferred, bidders, patience)
+  row_free = row_valid & (tf.reshape(col4row, tf.shape(row_valid)) < 0)
+  if cost.shape[0] is not None:
+    lanes = max(1, min(lanes, cost.shape[0]))
+  pops = max(1, min(pops, rows_per_trip // lanes))  # cost rows read per search trip over all lanes
+  # Problems with free rows, packed; spare slots point at a dummy problem P whose state is never used.
+  pending, num_pending = matching_init.compact(tf.reduce_any(row_free, axis=-1), num_problems)
+  pending = tf.pad(pending, [[0, lanes]], constant_values=num_problems)
+  pad = lambda x, value=0: tf.pad(x, [[0, 1]] + [[0, 0]] * (x.shape.rank - 1), constant_values=value)
+  row4col, row_free, v, forbidden, preferred = pad(row4col, -1), pad(row_free), pad(v), pad(forbidden), pad(preferred)
+  col4row = pad(tf.reshape(col4row, tf.shape(row_valid)), -1)
+
+  def wave(start, col4row, trips):
+    problems = tf.slice(pending, [start], [lanes])  # [L]
+    base = tf.minimum(problems, num_problems - 1) * num_rows  # idle lanes never read their rows
+    lane_rows, search_trips = _search(flat_cost, base, tf.gather(row4col, problems), tf.gather(v, problems),
+                                      tf.gather(row_free, problems), tf.gather(forbidden, problems),
+                                      tf.gather(preferred, problems), pops)
+    col4row = tf.tensor_scatter_nd_update(col4row, problems[:, None], _scatter_rows(lane_rows, num_rows))
+    return start + lanes, col4row, trips + search_trips
+
+  _, col4row, trips = tf.while_loop(lambda start, *_: start < num_pending, wave,
+                                    (tf.constant(0, tf.int32), col4row, tf.constant(0, tf.int32)))
+  return tf.where(row_valid, col4row[:-1], -1), tf.stack([greedy_trips, rounds, trips])
 
 
 def _scatter_rows(row4col, num_rows):
@@ -59,230 +203,6 @@ def _scatter_rows(row4col, num_rows):
   index = tf.stack([problem, tf.maximum(row4col, 0)], axis=-1)  # [P, C, 2]
   cols = tf.where(row4col >= 0, tf.range(num_cols, dtype=tf.int32), -1)
   return tf.tensor_scatter_nd_max(tf.fill(tf.stack([num_problems, num_rows]), -1), index, cols)
-
-
-def _prefix_count(mask):
-  """Inclusive running count of a 1-D bool vector, as int32: two small triangular matmuls (XLA's cumsum takes
-  about 0.1 ms on CPU for 10k elements). Exact while the count stays below 2**24."""
-  size = tf.size(mask)
-  if mask.shape[0] is None or mask.shape[0] > (1 << 20):
-    return tf.cumsum(tf.cast(mask, tf.int32))
-  block = 32 if mask.shape[0] <= (1 << 15) else 256  # keeps the [blocks, blocks] triangle small
-  x = tf.reshape(tf.pad(tf.cast(mask, tf.float32), [[0, -size % block]]), [-1, block])  # [nb, block]
-  within = tf.matmul(x, tf.linalg.band_part(tf.ones([block, block]), 0, -1))  # [nb, block] count inside the block
-  totals = within[:, -1]  # [nb]
-  num_blocks = tf.shape(totals)[0]
-  before = tf.linalg.matvec(tf.linalg.band_part(tf.ones(tf.stack([num_blocks, num_blocks])), -1, 0), totals) - totals
-  return tf.cast(tf.reshape(within + before[:, None], [-1])[:size], tf.int32)
-
-
-def _greedy_start(cost, row_valid, chunk):
-  """Each valid row takes its cheapest column; the lowest row index wins a contested column.
-
-  Only valid rows are read: the valid rows of all problems are packed into one list and visited `chunk` at a time,
-  so the loop makes ceil(valid rows in the batch / chunk) trips and padding rows cost nothing.
-
-  Returns:
-    row4col: [P, C] int32, the row holding each column, -1 when free.
-    row_free: [P, R] bool, valid rows left without a column.
-    non_finite: bool scalar, whether some valid row holds a non-finite cost.
-    trips: int32 scalar, loop trips.
-  """
-  num_rows, num_cols = cost.shape[-2], cost.shape[-1]
-  num_problems = tf.shape(cost)[0]
-  flat_cost = tf.reshape(cost, [-1, num_cols])  # [P*R, C]
-  flat_valid = tf.reshape(row_valid, [-1])  # [P*R]
-  valid_int = tf.cast(flat_valid, tf.int32)
-  num_valid = tf.reduce_sum(valid_int)
-  # order[i] = flat id of the i-th valid row (problem-major, ascending rows); invalid rows write 0 to a spare slot.
-  length = tf.size(flat_valid) + chunk
-  slot = tf.where(flat_valid, _prefix_count(flat_valid) - 1, length - 1)
-  flat_ids = tf.range(tf.size(flat_valid), dtype=tf.int32)
-  order = tf.tensor_scatter_nd_max(tf.zeros([length], tf.int32), slot[:, None], tf.where(flat_valid, flat_ids, 0))
-  col_ids = tf.range(num_cols, dtype=tf.int32)
-  slots = tf.range(chunk, dtype=tf.int32)
-  never = tf.int32.max
-
-  def body(trip, row4col, won, non_finite):
-    pos = trip * chunk + slots  # [K]
-    live = pos < num_valid
-    ids = tf.gather(order, pos)  # [K] flat row ids
-    block = tf.gather(flat_cost, ids)  # [K, C]
-    key = tf.where(tf.math.is_nan(block), float("inf"), block)  # NaN sorts like +inf, as in the sanitized costs
-    best = tf.reduce_min(tf.where(key <= tf.reduce_min(key, -1, keepdims=True), col_ids, num_cols), -1)  # [K]
-    best = tf.minimum(best, num_cols - 1)
-    non_finite |= tf.reduce_any(live & tf.logical_not(tf.math.is_finite(tf.reduce_sum(block, axis=-1))))
-    index = tf.stack([ids // num_rows, best], axis=-1)  # [K, 2] (problem, column)
-    free = tf.gather_nd(row4col, index) < 0
-    claim = tf.tensor_scatter_nd_min(tf.fill(tf.shape(row4col), never), index, tf.where(live, pos, never))
-    win = live & free & tf.equal(tf.gather_nd(claim, index), pos)  # first claimant of a free column
-    row4col = tf.tensor_scatter_nd_max(row4col, index, tf.where(win, ids % num_rows, -1))
-    won = tf.tensor_scatter_nd_max(won, ids[:, None], tf.cast(win, tf.int32))
-    return trip + 1, row4col, won, non_finite
-
-  init = (tf.constant(0, tf.int32), tf.fill(tf.stack([num_problems, num_cols]), -1), tf.zeros_like(valid_int),
-          tf.constant(False))
-  trips, row4col, won, non_finite = tf.while_loop(lambda trip, *_: trip * chunk < num_valid, body, init)
-  row_free = row_valid & tf.equal(tf.reshape(won, tf.shape(row_valid)), 0)
-  return row4col, row_free, non_finite, trips
-
-
-def _unpack_bits(bits, num_cols):
-  """[P, W] int32 bit sets -> [P, num_cols] bool (bit k of word w is column 32 * w + k)."""
-  shifts = tf.range(32, dtype=tf.int32)
-  mask = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits[:, :, None], shifts), 1) > 0  # [P, W, 32]
-  return tf.reshape(mask, [tf.shape(bits)[0], -1])[:, :num_cols]
-
-
-def _row_queue(row_free):
-  """Free rows of each problem in ascending order: [P, R] int32 (padded with 0) and their count [P] int32."""
-  num_rows = row_free.shape[-1]
-  counts = tf.reduce_sum(tf.cast(row_free, tf.int32), axis=-1)  # [P]
-  rank = tf.reshape(_prefix_count(tf.reshape(row_free, [-1])), tf.shape(row_free))  # running count over the batch
-  local = rank - (rank[:, -1] - counts)[:, None] - 1  # [P, R] position among the problem's free rows
-  problem = tf.broadcast_to(tf.range(tf.shape(row_free)[0], dtype=tf.int32)[:, None], tf.shape(row_free))
-  index = tf.stack([problem, tf.where(row_free, local, num_rows)], axis=-1)  # non-free rows go to a spare column
-  rows = tf.where(row_free, tf.range(num_rows, dtype=tf.int32), 0)
-  queue = tf.tensor_scatter_nd_max(tf.zeros(tf.stack([tf.shape(row_free)[0], num_rows + 1]), tf.int32), index, rows)
-  return queue[:, :num_rows], counts
-
-
-def _search(cost, problems, row4col, queue, num_free, forbidden, preferred):
-  """Shortest augmenting path searches for the free rows of L problems at once, one Dijkstra step per trip.
-
-  Args:
-    cost: [P, R, C] float32, all problems (rows are gathered from it).
-    problems: [L] int32 problem of each lane.
-    row4col: [L, C] int32 greedy assignment of each lane's problem (-1 free columns).
-    queue, num_free: [L, R] int32 free rows of each lane's problem in order, and their number [L] (0: idle lane).
-    forbidden, preferred: [L] float32 stand-ins for non-finite costs.
-
-  Returns:
-    row4col: [L, C] int32 final assignment; trips: int32 scalar.
-  """
-  num_rows, num_cols = cost.shape[-2], cost.shape[-1]
-  num_lanes = tf.shape(problems)[0]
-  col_ids = tf.range(num_cols, dtype=tf.int32)
-  lane_ids = tf.range(num_lanes, dtype=tf.int32)
-  num_words = -(-num_cols // 32)
-  word_ids = tf.range(num_words, dtype=tf.int32)
-  start_row = queue[:, 0]
-  inf_cols = tf.fill(tf.shape(row4col), float("inf"))
-  state = dict(
-      row4col=row4col,  # [L, C] row holding each column, -1 free
-      v=tf.zeros_like(inf_cols),  # [L, C] column duals
-      shortest=inf_cols,  # [L, C] shortest reduced path length from the root to each column
-      path=tf.zeros_like(row4col),  # [L, C] tree row from which each column was reached
-      scanned=tf.zeros_like(row4col, dtype=tf.bool),  # [L, C] columns popped by the current search
-      path_bits=tf.zeros(tf.stack([num_lanes, num_rows, num_words]), tf.int32),  # [L, R, W] root -> row columns
-      served=tf.zeros_like(num_free),  # [L] free rows assigned so far (position in the queue)
-      start_row=start_row,  # [L] root of the current search
-      cur_row=start_row,  # [L] row added to the tree last trip
-      cur_col=tf.fill(tf.shape(start_row), -1),  # [L] column through which cur_row joined, -1 for the root
-      min_val=tf.zeros_like(start_row, dtype=tf.float32),  # [L] path length of the last popped column
-      active=num_free > 0,  # [L]
-      trips=tf.constant(0, tf.int32))
-
-  def body(s):
-    act = s["active"]
-    act_c = act[:, None]
-    row_cost = tf.gather_nd(cost, tf.stack([problems, s["cur_row"]], axis=-1))  # [L, C]
-    reduced = _sanitize(row_cost, forbidden, preferred) - s["v"]
-    u = tf.where(s["cur_col"] >= 0, tf.gather(reduced, tf.maximum(s["cur_col"], 0), batch_dims=1), 0.0)  # [L]
-    unscanned = tf.logical_not(s["scanned"])
-    dist = s["min_val"][:, None] + reduced - u[:, None]
-    better = unscanned & (dist < s["shortest"]) & act_c
-    shortest = tf.where(better, dist, s["shortest"])
-    path = tf.where(better, s["cur_row"][:, None], s["path"])
-    lowest = tf.reduce_min(tf.where(unscanned, shortest, float("inf")), axis=-1)  # [P]
-    # Pop the first cheapest unscanned column, preferring a free one (ends the search soonest).
-    tied = unscanned & (shortest <= lowest[:, None])
-    key = tf.where(tied, tf.where(s["row4col"] < 0, col_ids, col_ids + num_cols), 2 * num_cols)
-    col = tf.reduce_min(key, axis=-1) % num_cols  # [P]
-    popped = tf.equal(col_ids, col[:, None])  # [P, C]
-    scanned = s["scanned"] | (popped & act_c)
-    owner = tf.gather(s["row4col"], col, batch_dims=1)  # [P]
-    parent = tf.gather(path, col, batch_dims=1)  # [P]
-    popped_bits = tf.where(tf.equal(word_ids, col[:, None] // 32), tf.bitwise.left_shift(1, col[:, None] % 32), 0)
-    bits_to_here = tf.gather(s["path_bits"], parent, batch_dims=1) | popped_bits  # [P, W] root -> parent -> col
-    sink = act & (owner < 0)
-    grow = act & (owner >= 0)
-
-    # Free column reached: flip the augmenting path (each of its columns goes to the row it was reached from) and
-    # update the column duals of the scanned columns.
-    sink_c = sink[:, None]
-    row4col = tf.where(sink_c & _unpack_bits(bits_to_here, num_cols), path, s["row4col"])
-    v = tf.where(sink_c & scanned, s["v"] - (lowest[:, None] - shortest), s["v"])
-    served = s["served"] + tf.cast(sink, tf.int32)
-    next_row = tf.gather(queue, tf.minimum(served, num_rows - 1), batch_dims=1)
-    has_next = served < num_free
-
-    # Held column reached: its row joins the tree (a root's entry stays empty: written with False otherwise).
-    write_row = tf.where(grow, owner, s["start_row"])
-    path_bits = tf.tensor_scatter_nd_update(s["path_bits"], tf.stack([lane_ids, write_row], axis=1),
-                                            tf.where(grow[:, None], bits_to_here, 0))
-    return [dict(
-        row4col=row4col,
-        v=v,
-        shortest=tf.where(sink_c, float("inf"), shortest),
-        path=path,
-        scanned=scanned & tf.logical_not(sink_c),
-        path_bits=path_bits,
-        served=served,
-        start_row=tf.where(sink, next_row, s["start_row"]),
-        cur_row=tf.where(sink, next_row, tf.where(grow, owner, s["cur_row"])),
-        cur_col=tf.where(sink, -1, tf.where(grow, col, s["cur_col"])),
-        min_val=tf.where(sink, 0.0, tf.where(grow, lowest, s["min_val"])),
-        active=tf.where(sink, has_next, act),
-        trips=s["trips"] + 1)]
-
-  # Each search pops at most R columns and there are at most R searches: R * R + 1 trips is a safe cap.
-  state = tf.while_loop(lambda s: tf.reduce_any(s["active"]), body, [state],
-                        maximum_iterations=num_rows * num_rows + 1)[0]
-  return state["row4col"], state["trips"]
-
-
-def _solve(cost, row_valid, chunk=256, lanes=32):
-  """Solves [P, R, C] float32 problems with [P, R] bool valid rows.
-
-  After the greedy start only the problems with free rows are searched, `lanes` of them at a time (waves), so a
-  search trip costs O(lanes * C) whatever the batch.
-
-  Returns [P, R] int32 columns (-1 for invalid rows) and int32 [2] loop trips (greedy start, searches).
-  """
-  num_rows = cost.shape[-2]
-  num_problems = tf.shape(cost)[0]
-  row4col, row_free, non_finite, greedy_trips = _greedy_start(cost, row_valid, chunk)
-  forbidden, preferred = _stand_ins(cost, row_valid, non_finite)
-  queue, num_free = _row_queue(row_free)
-
-  # Problems with free rows, packed: pending[i] = i-th such problem; spare slots point at a dummy problem P.
-  if cost.shape[0] is not None:
-    lanes = max(1, min(lanes, cost.shape[0]))
-  needs = num_free > 0
-  slot = tf.where(needs, _prefix_count(needs) - 1, num_problems + lanes - 1)
-  pending = tf.tensor_scatter_nd_min(tf.fill([num_problems + lanes], num_problems), slot[:, None],
-                                     tf.where(needs, tf.range(num_problems, dtype=tf.int32), num_problems))
-  num_pending = tf.reduce_sum(tf.cast(needs, tf.int32))
-  # One spare row for the dummy problem: idle lanes read it and write their (unchanged) state back to it.
-  row4col = tf.pad(row4col, [[0, 1], [0, 0]], constant_values=-1)
-  queue = tf.pad(queue, [[0, 1], [0, 0]])
-  num_free = tf.pad(num_free, [[0, 1]])
-  forbidden = tf.pad(forbidden, [[0, 1]])
-  preferred = tf.pad(preferred, [[0, 1]])
-
-  def wave(start, row4col, trips):
-    problems = tf.slice(pending, [start], [lanes])  # [L]
-    safe = tf.minimum(problems, num_problems - 1)  # rows of `cost` to read; idle lanes never read them
-    lane_rows, lane_trips = _search(cost, safe, tf.gather(row4col, problems), tf.gather(queue, problems),
-                                    tf.gather(num_free, problems), tf.gather(forbidden, problems),
-                                    tf.gather(preferred, problems))
-    return start + lanes, tf.tensor_scatter_nd_update(row4col, problems[:, None], lane_rows), trips + lane_trips
-
-  _, row4col, search_trips = tf.while_loop(lambda start, *_: start < num_pending, wave,
-                                           (tf.constant(0, tf.int32), row4col, tf.constant(0, tf.int32)))
-  col4row = _scatter_rows(row4col[:-1], num_rows)
-  return tf.where(row_valid, col4row, -1), tf.stack([greedy_trips, search_trips])
 
 
 def linear_sum_assignment(cost, row_valid=None):
@@ -341,4 +261,4 @@ def linear_sum_assignment_with_trips(cost, row_valid=None):
   flat_cost = tf.reshape(cost, [-1, num_rows, num_cols])  # [P, R, C]
   flat_valid = tf.reshape(row_valid, [-1, num_rows])  # [P, R]
   assignment, trips = _solve(flat_cost, flat_valid)
-  return tf.reshape(assignment, tf.concat([batch_shape, [num_rows]], axis=0)), trips
+  return tf.reshape(assignment, tf.concat([batch_shape, [num_rows]], axis=0)), tf.stack([trips[0], trips[1] + trips[2]])
