@@ -20,11 +20,9 @@ tfreward's `legacy_threshold_keys=True` (the reference's mean; timing uses the d
 """
 
 import argparse
-import glob
 import importlib.util
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -36,6 +34,7 @@ import types
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from xla_memory import xla_temp_bytes  # noqa: E402  (bench/ is on the path of a script run from it)
 
 MAX_LEVEL, MAX_CONF, NUM_CLS = 1000, 2, 80
 WORKLOADS = {"a": (32, 8, 100), "b": (8, 4, 100)}  # batch, samples, box slots
@@ -88,15 +87,6 @@ def _timed(run, repeats):
   return out, first, times
 
 
-def _xla_temp_bytes(dump_dir):
-  """Largest preallocated temp buffer among the XLA programs dumped to `dump_dir`."""
-  sizes = [0]
-  for name in glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt")):
-    with open(name) as f:
-      sizes += [int(m) for m in re.findall(r"allocation \d+: size (\d+), preallocated-temp", f.read())]
-  return max(sizes)
-
-
 def child_tfreward(args, pred, gt):
   dump_dir = tempfile.mkdtemp(prefix="reward_xla_dump_")
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
@@ -110,7 +100,7 @@ def child_tfreward(args, pred, gt):
                        jit_compile=True)
   reward = legacy(pred, gt).numpy()
   _, first, times = _timed(lambda: timed(pred, gt).numpy(), args.repeats)
-  temp = _xla_temp_bytes(dump_dir)
+  temp = xla_temp_bytes(dump_dir)
   shutil.rmtree(dump_dir, ignore_errors=True)
   return reward, first, times, temp
 

@@ -29,10 +29,8 @@ tensors (a lower bound: small blocks and peaks shorter than 0.2 ms are missed).
 
 import argparse
 import contextlib
-import glob
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -43,6 +41,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+from xla_memory import xla_temp_bytes  # noqa: E402  (bench/ is on the path of a script run from it)
 
 STRIDES = (8, 16, 32)
 OBJECT_COUNTS = (100, 100, 80, 60, 40, 20, 10, 0)
@@ -171,15 +170,6 @@ def reference_style_loss(tf, outputs, targets, num_classes, no_grad):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _xla_temp_bytes(dump_dir):
-  """Largest preallocated temp buffer among the XLA programs dumped to `dump_dir` (their exact working memory)."""
-  sizes = [0]
-  for name in glob.glob(os.path.join(dump_dir, "*buffer-assignment.txt")):
-    with open(name) as f:
-      sizes += [int(m) for m in re.findall(r"allocation \d+: size (\d+), preallocated-temp", f.read())]
-  return max(sizes)
-
-
 def child(args):
   dump_dir = tempfile.mkdtemp(prefix="simota_xla_dump_")
   xla = args.mode.startswith("xla")
@@ -231,7 +221,7 @@ def child(args):
     run()
     times.append(time.perf_counter() - start)
   peak = tf.config.experimental.get_memory_info(device)["peak"] - resident
-  temp = _xla_temp_bytes(dump_dir)
+  temp = xla_temp_bytes(dump_dir)
   shutil.rmtree(dump_dir, ignore_errors=True)
   print(json.dumps({"mode": args.mode, "first_call_s": first, "median_s": statistics.median(times), "times_s": times,
                     "peak_mb": peak / 2**20, "xla_temp_mb": temp / 2**20 if xla else None, "total": float(total),
