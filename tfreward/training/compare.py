@@ -2,8 +2,9 @@
 
 `write_segmentation_comparison(path, model_dirs, labels)` draws the first `num_images` validation images of the
 first run's dataset, their ground truth, then each run's `segment` output (`tfreward compare ...`).
-`segmentation_error_table(model_dirs, labels)` scores each run over the whole validation split: mIoU, the IoU of every
-class, and pixel accuracy on the ground truth's boundary band (labelled pixels within `band` pixels of a pixel of
+`segmentation_error_table(model_dirs, labels)` scores each run over the whole validation split: mIoU, the mean over
+images of each image's own mIoU (the reward's objective, `rewards.segmentation.per_image_iou`; images with no
+labelled pixel skipped), the IoU of every class, and pixel accuracy on the ground truth's boundary band (labelled pixels within `band` pixels of a pixel of
 another label) against the interior (the other labelled pixels); a Markdown table, one row per run.
 """
 
@@ -13,6 +14,7 @@ import tensorflow as tf
 from tfreward.config import load_config
 from tfreward.data import preview
 from tfreward.errors import UserError
+from tfreward.rewards import segmentation as segmentation_reward
 from tfreward.training import metrics as metrics_lib
 from tfreward.training import trainer
 
@@ -56,28 +58,31 @@ def boundary_band(mask, band, ignore_index=255):
 
 
 def segmentation_error_table(model_dirs, labels=None, *, band=2):
-  """Markdown table of mIoU, per-class IoU and boundary-band / interior pixel accuracy of each run."""
+  """Markdown table of mIoU, per-image mIoU, per-class IoU and boundary-band / interior accuracy of each run."""
   labels, configs = _runs(model_dirs, labels)
   names = trainer.dataset_spec(configs[0]).segmentation_class_names
-  header = ["run", "mIoU"] + list(names) + [f"acc. boundary ({band} px)", "acc. interior"]
+  header = ["run", "mIoU", "per-image mIoU"] + list(names) + [f"acc. boundary ({band} px)", "acc. interior"]
   rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for label, config, model_dir in zip(labels, configs, model_dirs):
     model = trainer.load_trained_model(config, model_dir)
     segment = tf.function(model.segment, jit_compile=True)
     metric = metrics_lib.StreamingMeanIoU(len(names), accumulator_dtype="float64")
     correct, count = np.zeros(2), np.zeros(2)
+    image_mious = []
     for images, batch_labels in trainer.eval_dataset(config):
       mask = batch_labels["mask"].numpy()
       mask[~batch_labels["example_valid"].numpy()] = 255
       predicted = segment(images)["labels"].numpy()
       metric.update_state(mask, predicted)
+      image_mious.append(segmentation_reward.per_image_iou(predicted, mask, num_classes=len(names))["miou"].numpy())
       edge = boundary_band(mask, band)
       inner = (mask != 255) & ~edge
       for i, region in enumerate((edge, inner)):
         correct[i] += (predicted[region] == mask[region]).sum()
         count[i] += region.sum()
     iou = metric.per_class_iou().numpy()
-    cells = [label, f"{float(metric.result()):.4f}"] + [f"{v:.3f}" for v in iou] + [
+    image_miou = np.concatenate(image_mious)
+    cells = [label, f"{float(metric.result()):.4f}", f"{np.nanmean(image_miou):.4f}"] + [f"{v:.3f}" for v in iou] + [
         f"{c / max(n, 1):.4f}" for c, n in zip(correct, count)]
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)

@@ -63,8 +63,10 @@ def test_reward_run_logs_its_statistics_and_compare_draws_both(runs, capsys):
   assert cli.main(["compare", ce_dir, reward_dir, "--label", "CE", "--label", "reward", "--num-images", "2",
                    "--out", out, "--table"]) == 0
   table = capsys.readouterr().out.strip().splitlines()[-4:]
-  assert table[0].split(" | ")[:3] == ["| run", "mIoU", "background"] and len(table[0].split(" | ")) == 11
+  assert table[0].split(" | ")[:4] == ["| run", "mIoU", "per-image mIoU", "background"]
+  assert len(table[0].split(" | ")) == 12
   assert table[2].startswith("| CE | ") and table[3].startswith("| reward | ")
+  assert all(0.0 <= float(row.split(" | ")[2]) <= 1.0 for row in table[2:])  # per-image mIoU, NaN-free
   assert Image.open(out).size == (4 * 256 + 5 * 8, 28 + 16 + 2 * (256 + 8) + 8)  # image, truth, 2 runs
   assert cli.main(["compare", ce_dir, reward_dir, "--label", "CE"]) == 2  # one label per run
 
