@@ -6,7 +6,7 @@
   tfreward export --model-dir DIR [--export-dir DIR]
   tfreward predict --saved-model DIR IMAGE_OR_GLOB... --out OUT_DIR [--score-threshold 0.3]
   tfreward curves MODEL_DIR... [--label NAME ...] [--metric NAME ...] [--out PNG]
-  tfreward compare MODEL_DIR... [--label NAME ...] [--num-images N] [--out PNG] [--table]   (segmentation runs)
+  tfreward compare MODEL_DIR... [--label NAME ...] [--num-images N] [--out PNG] [--table | --min-score S]
   tfreward data preview [--dataset NAME] [--split SPLIT] [--out PNG] [--data-dir DIR]
   tfreward data build [--dataset NAME] [--data-dir DIR]
 
@@ -74,13 +74,15 @@ def _parser():
                       help="validation metric to show (repeatable; default: mAP and mAP50)")
   curves.add_argument("--out", default=None, help="PNG path for the plot")
 
-  compare = sub.add_parser("compare", help="segmentation runs' predictions side by side on validation images (PNG)")
+  compare = sub.add_parser("compare", help="runs' predictions side by side on the same validation images (PNG)")
   compare.add_argument("model_dirs", nargs="+", metavar="MODEL_DIR")
   compare.add_argument("--label", dest="labels", action="append", default=None, help="one per run (repeatable)")
   compare.add_argument("--num-images", type=int, default=8)
   compare.add_argument("--out", default="compare.png")
   compare.add_argument("--table", action="store_true",
                        help="also score every run over the validation split: per-class IoU, boundary vs interior")
+  compare.add_argument("--min-score", type=float, default=0.3,
+                       help="detection runs: draw the detections scoring at least this (default 0.3)")
 
   data = sub.add_parser("data", help="build or look at a dataset")
   data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -253,12 +255,19 @@ def _run(args):
     if args.out:
       print("plot written to", args.out)
   elif args.command == "compare":
-    from tfreward.training.compare import write_segmentation_comparison
-    print("comparison written to", write_segmentation_comparison(args.out, args.model_dirs, args.labels,
-                                                                 num_images=args.num_images))
-    if args.table:
-      from tfreward.training.compare import segmentation_error_table
-      print(segmentation_error_table(args.model_dirs, args.labels))
+    from tfreward.training import compare
+    if compare.runs_task(args.model_dirs) == "detection":
+      if args.table:
+        from tfreward.errors import UserError
+        raise UserError("--table scores segmentation runs; for detection runs use `tfreward curves` or "
+                        "`tfreward evaluate`.")
+      print("comparison written to", compare.write_detection_comparison(
+          args.out, args.model_dirs, args.labels, num_images=args.num_images, min_score=args.min_score))
+    else:
+      print("comparison written to", compare.write_segmentation_comparison(
+          args.out, args.model_dirs, args.labels, num_images=args.num_images))
+      if args.table:
+        print(compare.segmentation_error_table(args.model_dirs, args.labels))
   elif args.command == "data":
     from tfreward.data import shapes
     _check_data_args(args)

@@ -49,14 +49,16 @@ def _frame(draw, box, panel, colour, width):
   return x0, y0
 
 
-def _image_panel(image, boxes, labels, class_names, factor, font):
-  """[S, S, 3] uint8 -> a P x P PIL image with labelled boxes."""
+def _image_panel(image, boxes, labels, class_names, factor, font, names=True):
+  """[S, S, 3] uint8 -> a P x P PIL image with boxes in their class colours, named unless `names` is False."""
   panel = Image.fromarray(image).resize((image.shape[1] * factor, image.shape[0] * factor), Image.NEAREST)
   draw = ImageDraw.Draw(panel)
   size = panel.size[0]
   for box, label in zip(boxes, labels):
     colour = class_colour(label)
     x0, y0 = _frame(draw, box, size, colour, 2)
+    if not names:
+      continue
     text = class_names[label] if label < len(class_names) else str(label)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     width, height = right - left + 4, bottom - top + 2
@@ -196,4 +198,40 @@ def render_label_maps(images, label_maps, *, class_names, title=""):
     for column, maps in enumerate(label_maps.values(), start=1):
       mask = np.clip(np.asarray(maps[row]), 0, 255).astype(np.uint8)
       canvas.paste(_mask_panel(mask, [], factor), (PAD + column * (panel + PAD), top))
+  return canvas
+
+
+def render_box_columns(images, columns, *, class_names, title="", max_named=12):
+  """One row per image: one panel per named set of boxes (e.g. ground truth, model A, model B) on the image.
+
+  Args:
+    images: [N, S, S, 3] uint8.
+    columns: dict column name -> list of N (boxes [K, 4] yxyx normalised, labels [K] int) pairs.
+    class_names: names of the labels, for the legend and the box captions.
+    title: str drawn in the header.
+    max_named: boxes are captioned with their class name only in panels of at most this many boxes (crowded
+      panels show the frames, in the class colours).
+
+  Returns:
+    An RGB `PIL.Image.Image`; each column's header says how many boxes it draws per image on average.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or not columns:
+    raise ValueError(f"need images [N, S, S, 3] and at least one column of boxes, got {images.shape} and "
+                     f"{list(columns)}.")
+  size = images.shape[1]
+  factor = max(1, 256 // size)
+  panel = size * factor
+  width = len(columns) * panel + (len(columns) + 1) * PAD
+  height = HEADER + CAPTION + len(images) * (panel + PAD) + PAD
+  canvas, draw, font = _canvas(width, height, title, class_names)
+  for column, (name, sets) in enumerate(columns.items()):
+    mean_boxes = sum(len(labels) for _, labels in sets) / max(len(sets), 1)
+    draw.text((PAD + column * (panel + PAD), HEADER + 1), f"{name} ({mean_boxes:.1f} boxes)", fill=(200, 200, 200),
+              font=font)
+    for row, (boxes, labels) in enumerate(sets):
+      boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+      labels = np.asarray(labels, np.int64).reshape(-1)
+      cell = _image_panel(images[row], boxes, labels, class_names, factor, font, names=len(labels) <= max_named)
+      canvas.paste(cell, (PAD + column * (panel + PAD), HEADER + CAPTION + row * (panel + PAD)))
   return canvas

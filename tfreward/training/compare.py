@@ -1,7 +1,9 @@
-"""Segmentation runs side by side on the same validation images: a picture and a table of where they differ.
+"""Runs side by side on the same validation images: a picture and, for segmentation, a table of where they differ.
 
 `write_segmentation_comparison(path, model_dirs, labels)` draws the first `num_images` validation images of the
-first run's dataset, their ground truth, then each run's `segment` output (`tfreward compare ...`).
+first run's dataset, their ground truth, then each run's `segment` output (`tfreward compare ...`);
+`write_detection_comparison` does the same for detection runs: the ground-truth boxes, then each run's detections
+scoring at least `min_score`.
 `segmentation_error_table(model_dirs, labels)` scores each run over the whole validation split: mIoU, the mean over
 images of each image's own mIoU (the reward's objective, `rewards.segmentation.per_image_iou`; images with no
 labelled pixel skipped), the IoU of every class, and pixel accuracy on the ground truth's boundary band (labelled pixels within `band` pixels of a pixel of
@@ -19,14 +21,40 @@ from tfreward.training import metrics as metrics_lib
 from tfreward.training import trainer
 
 
-def _runs(model_dirs, labels):
+def _runs(model_dirs, labels, task="segmentation"):
   labels = list(labels) if labels else list(model_dirs)
   if len(labels) != len(model_dirs):
     raise UserError(f"give one --label per run: {len(labels)} labels for {len(model_dirs)} runs.")
   configs = [load_config(trainer.saved_config_dict(d)) for d in model_dirs]
-  if any(c.data.task != "segmentation" for c in configs):
-    raise UserError("compare reads segmentation runs; a run here has data.task=detection.")
+  if any(c.data.task != task for c in configs):
+    raise UserError(f"compare reads runs of one task; here: {sorted({c.data.task for c in configs})}, needed {task}.")
   return labels, configs
+
+
+def runs_task(model_dirs):
+  """The data.task of the first run: "segmentation" or "detection"."""
+  return load_config(trainer.saved_config_dict(model_dirs[0])).data.task
+
+
+def write_detection_comparison(path, model_dirs, labels=None, *, num_images=8, min_score=0.3):
+  """Writes the PNG; returns `path`. Each run's `detect` output on the same images, boxes scoring >= `min_score`."""
+  labels, configs = _runs(model_dirs, labels, task="detection")
+  config = configs[0]
+  images, batch = next(iter(trainer.eval_dataset(config)))
+  images = images.numpy()[:num_images]
+  valid = batch["valid"].numpy()[:num_images]
+  columns = {"ground truth": [(b[v], c[v]) for b, c, v in zip(batch["boxes"].numpy(), batch["classes"].numpy(),
+                                                                  valid)]}
+  for label, run_config, model_dir in zip(labels, configs, model_dirs):
+    model = trainer.load_trained_model(run_config, model_dir)
+    found = {k: v.numpy() for k, v in tf.function(model.detect, jit_compile=True)(images).items()}
+    keep = (found["scores"] >= min_score) & (np.arange(found["scores"].shape[1]) < found["num_detections"][:, None])
+    columns[label] = [(b[k], c[k]) for b, c, k in zip(found["boxes"], found["classes"], keep)]
+  names = trainer.dataset_spec(config).class_names
+  grid = preview.render_box_columns(images.astype(np.uint8), columns, class_names=names,
+                                    title=f"{config.data.dataset} {config.data.eval_split}, score >= {min_score}")
+  grid.save(path, format="PNG")
+  return path
 
 
 def write_segmentation_comparison(path, model_dirs, labels=None, *, num_images=8):
