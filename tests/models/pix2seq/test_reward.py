@@ -45,8 +45,11 @@ def test_recipe_callbacks_name_the_reward_statistics(p2s, tmp_path):
 
 # The anchored case: the MLE term's normaliser (supervised tokens) differs between the two halves; raster order and
 # empty filler make its targets the same on every replica.
+# The third case is configs/shapes/pix2seq_crowded_a_reward.yaml's recipe (conf tokens in the REINFORCE term).
 @pytest.mark.parametrize("options", [{}, dict(credit="slot", reinforce_samples="all", mle_weight=1.0,
-                                              order="raster", filler="empty", reinforce_conf=False)])
+                                              order="raster", filler="empty", reinforce_conf=False),
+                                     dict(credit="slot", reinforce_samples="all", mle_weight=1.0,
+                                          order="raster", filler="empty", reinforce_conf=True)])
 def test_two_replicas_equal_one_replica_given_samples(p2s, two_replica_strategy, options):
   images, labels = p2s.batch(4, seed=1)
   single = p2s.model(**options)
