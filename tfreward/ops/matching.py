@@ -154,7 +154,7 @@ def _search(flat_cost, base, row4col, v, free, forbidden, preferred, pops):
   return out[1], out[0]
 
 
-def _solve(cost, row_valid, lanes=32, bidders=16, pops=8, patience=16, chunk_bytes=1 << 18, rows_per_trip=32):
+def _solve(cost, row_valid, lanes=32, bidders=16, pops=8, patience=16, chunk_bytes=1 << 20, rows_per_trip=32):
   """Solves [P, R, C] float32 problems with [P, R] bool valid rows.
 
   Greedy start (`chunk_bytes` of rows per trip) and row reduction (`bidders` rows per trip, `patience`) over the
