@@ -114,14 +114,20 @@ def mock_coco(make_examples=coco_realistic_examples):
     yield
 
 
-@contextlib.contextmanager
-def mock_cityscapes(manual_dir, make_examples=cityscapes_examples):
-  """Every cityscapes split reads `make_examples(split)`; `manual_dir` gets the empty zips the pipeline checks for
-  (the mocked builder never opens them). Yields the manual dir."""
+def write_empty_manual_zips(manual_dir):
+  """Cityscapes' manual download files in `manual_dir` (created if needed) as valid, empty zip archives: what the
+  pipeline's checks need when the builder is mocked and never opens them."""
   os.makedirs(manual_dir, exist_ok=True)
   for name in decoders.CITYSCAPES_MANUAL_FILES:
-    with open(os.path.join(manual_dir, name), "wb"):
+    with zipfile.ZipFile(os.path.join(manual_dir, name), "w"):
       pass
+
+
+@contextlib.contextmanager
+def mock_cityscapes(manual_dir, make_examples=cityscapes_examples):
+  """Every cityscapes split reads `make_examples(split)`; `manual_dir` gets the zips the pipeline checks for, valid
+  and empty (the mocked builder never opens them). Yields the manual dir."""
+  write_empty_manual_zips(manual_dir)
   with tfds.testing.mock_data(as_dataset_fn=consistent_as_dataset(make_examples),
                               policy=tfds.testing.MockPolicy.USE_CODE):
     yield manual_dir

@@ -91,16 +91,9 @@ def test_data_command_arguments(command, args, expected, shapes_test_data_dir, t
   assert not (tmp_path / "preview.png").exists()
 
 
-@pytest.fixture
-def no_tfds_progress_bars():
-  """TFDS' own progress bars (stderr) while it tries to extract the manual download: not the CLI's output."""
-  tfds.disable_progress_bar()
-  yield
-  tfds.enable_progress_bar()
-
-
 @pytest.mark.parametrize("content", [b"", b"not a zip archive"])
-def test_unreadable_cityscapes_manual_file(content, tmp_path, capsys, no_tfds_progress_bars):
+def test_unreadable_cityscapes_manual_file(content, tmp_path, capsys):
+  """One line, and no TFDS progress on stderr: the archives are checked before TFDS starts extracting."""
   manual_dir = tmp_path / "manual"
   manual_dir.mkdir()
   with zipfile.ZipFile(manual_dir / "leftImg8bit_trainvaltest.zip", "w") as archive:

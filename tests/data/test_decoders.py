@@ -219,9 +219,7 @@ def test_evaluation_over_two_input_pipelines_sees_every_example_once(dataset, co
   """COCO (3 examples) and Cityscapes (mock) validation over a fake 2-pipeline InputContext: the pipelines' shards
   are disjoint and together are the split, in the order of one pipeline."""
   manual_dir = tmp_path / "manual"
-  manual_dir.mkdir()
-  for name in decoders.CITYSCAPES_MANUAL_FILES:
-    (manual_dir / name).write_bytes(b"")
+  mock_tfds.write_empty_manual_zips(str(manual_dir))
   task = "detection" if dataset == "coco/2017" else "segmentation"
   examples = _coco_examples if dataset == "coco/2017" else mock_tfds.cityscapes_examples
   with tfds.testing.mock_data(as_dataset_fn=mock_tfds.consistent_as_dataset(examples),

@@ -16,8 +16,10 @@ feature connectors and returns the common dict:
 
 import dataclasses
 import difflib
+import io
 import os
 import re
+import zipfile
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -141,7 +143,8 @@ def check_split(spec, split, key="split"):
 
 
 def check_manual_dir(spec, data_dir, manual_dir):
-  """DatasetError unless `manual_dir` holds every file of `spec.manual_files` (Cityscapes' manual download)."""
+  """DatasetError unless `manual_dir` holds every file of `spec.manual_files` (Cityscapes' manual download), each a
+  readable zip archive: checked before TFDS starts extracting, so a bad file is one line, without TFDS' progress."""
   present = set(tf.io.gfile.listdir(manual_dir)) if manual_dir and tf.io.gfile.isdir(manual_dir) else set()
   missing = [f for f in spec.manual_files if f not in present]
   if missing:
@@ -149,20 +152,34 @@ def check_manual_dir(spec, data_dir, manual_dir):
         f"{spec.name} is not prepared in data_dir {data_dir!r} and manual_dir {manual_dir!r} lacks "
         f"{', '.join(missing)}: download {' and '.join(spec.manual_files)} from https://www.cityscapes-dataset.com "
         f"(registration required), put them in one folder and pass it as manual_dir.")
+  for name in spec.manual_files:
+    # A zip ends with its end-of-central-directory record (within the last 64 KiB + 98 bytes); zipfile reads it from
+    # a copy of the tail (GFile raises tf's errors where zipfile expects OSError, e.g. seeking before the start).
+    with tf.io.gfile.GFile(os.path.join(manual_dir, name), "rb") as archive:
+      archive.seek(max(0, archive.size() - (1 << 16) - 98))
+      tail = archive.read()
+    if not zipfile.is_zipfile(io.BytesIO(tail)):
+      raise _unreadable_file(spec, manual_dir, name)
+
+
+def _unreadable_file(spec, manual_dir, name):
+  path = os.path.join(manual_dir, name)
+  size = tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else None
+  what = f"manual_dir file {path} is {'empty (0 bytes)' if size == 0 else 'not a readable zip archive'}"
+  return DatasetError(f"{what}: {spec.name} needs {' and '.join(spec.manual_files)} as downloaded from "
+                      "https://www.cityscapes-dataset.com (registration required); download the file again.")
 
 
 def unreadable_manual_file(spec, manual_dir, error):
-  """The DatasetError for `error`, TFDS' failure to extract a file of `manual_dir`: names the file and what
-  `spec` expects there."""
+  """The DatasetError for `error`, TFDS' failure to extract a file of `manual_dir` (e.g. a zip truncated inside):
+  names the file and what `spec` expects there."""
   name = next((f for f in spec.manual_files if f in str(error)), None)
-  if name is None:
-    what = f"{spec.name}'s manual download in {manual_dir} could not be extracted ({' '.join(str(error).split())})"
-  else:
-    path = os.path.join(manual_dir, name)
-    size = tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else None
-    what = f"manual_dir file {path} is {'empty (0 bytes)' if size == 0 else 'not a readable zip archive'}"
-  return DatasetError(f"{what}: {spec.name} needs {' and '.join(spec.manual_files)} as downloaded from "
-                      "https://www.cityscapes-dataset.com (registration required); download the file again.")
+  if name is not None:
+    return _unreadable_file(spec, manual_dir, name)
+  return DatasetError(f"{spec.name}'s manual download in {manual_dir} could not be extracted "
+                      f"({' '.join(str(error).split())}): {spec.name} needs {' and '.join(spec.manual_files)} as "
+                      "downloaded from https://www.cityscapes-dataset.com (registration required); download the "
+                      "file again.")
 
 
 def skip_decoding(spec):
