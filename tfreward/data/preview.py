@@ -93,6 +93,23 @@ def _canvas(width, height, title, class_names):
   return canvas, draw, font
 
 
+def _column_grid(num_rows, size, headers, title, class_names):
+  """A canvas of `num_rows` x len(headers) panels of P x P (images of size S upscaled), each column under its header.
+
+  Returns:
+    canvas, font, the upscaling factor, and origin(row, column) -> the (x, y) of that panel's top-left corner.
+  """
+  factor = max(1, 256 // size)
+  panel = size * factor
+  width = len(headers) * panel + (len(headers) + 1) * PAD
+  height = HEADER + CAPTION + num_rows * (panel + PAD) + PAD
+  canvas, draw, font = _canvas(width, height, title, class_names)
+  origin = lambda row, column: (PAD + column * (panel + PAD), HEADER + CAPTION + row * (panel + PAD))
+  for column, header in enumerate(headers):
+    draw.text((origin(0, column)[0], HEADER + 1), header, fill=(200, 200, 200), font=font)
+  return canvas, font, factor, origin
+
+
 def render_grid(examples, *, class_names, columns=4, title=""):
   """Draws the preview grid.
 
@@ -183,21 +200,14 @@ def render_label_maps(images, label_maps, *, class_names, title=""):
   if images.ndim != 4 or not label_maps:
     raise ValueError(f"need images [N, S, S, 3] and at least one label map, got {images.shape} and "
                      f"{list(label_maps)}.")
-  size = images.shape[1]
-  factor = max(1, 256 // size)
-  panel = size * factor
-  columns = 1 + len(label_maps)
-  width = columns * panel + (columns + 1) * PAD
-  height = HEADER + CAPTION + len(images) * (panel + PAD) + PAD
-  canvas, draw, font = _canvas(width, height, title, class_names)
-  for column, name in enumerate(("image",) + tuple(label_maps)):
-    draw.text((PAD + column * (panel + PAD), HEADER + 1), name, fill=(200, 200, 200), font=font)
+  headers = ("image",) + tuple(label_maps)
+  canvas, font, factor, origin = _column_grid(len(images), images.shape[1], headers, title, class_names)
   for row, image in enumerate(images):
-    top = HEADER + CAPTION + row * (panel + PAD)
-    canvas.paste(Image.fromarray(image).resize((panel, panel), Image.NEAREST), (PAD, top))
+    panel = image.shape[0] * factor
+    canvas.paste(Image.fromarray(image).resize((panel, panel), Image.NEAREST), origin(row, 0))
     for column, maps in enumerate(label_maps.values(), start=1):
       mask = np.clip(np.asarray(maps[row]), 0, 255).astype(np.uint8)
-      canvas.paste(_mask_panel(mask, [], factor), (PAD + column * (panel + PAD), top))
+      canvas.paste(_mask_panel(mask, [], factor), origin(row, column))
   return canvas
 
 
@@ -219,19 +229,13 @@ def render_box_columns(images, columns, *, class_names, title="", max_named=12):
   if images.ndim != 4 or not columns:
     raise ValueError(f"need images [N, S, S, 3] and at least one column of boxes, got {images.shape} and "
                      f"{list(columns)}.")
-  size = images.shape[1]
-  factor = max(1, 256 // size)
-  panel = size * factor
-  width = len(columns) * panel + (len(columns) + 1) * PAD
-  height = HEADER + CAPTION + len(images) * (panel + PAD) + PAD
-  canvas, draw, font = _canvas(width, height, title, class_names)
-  for column, (name, sets) in enumerate(columns.items()):
-    mean_boxes = sum(len(labels) for _, labels in sets) / max(len(sets), 1)
-    draw.text((PAD + column * (panel + PAD), HEADER + 1), f"{name} ({mean_boxes:.1f} boxes)", fill=(200, 200, 200),
-              font=font)
+  headers = [f"{name} ({sum(len(labels) for _, labels in sets) / max(len(sets), 1):.1f} boxes)"
+             for name, sets in columns.items()]
+  canvas, font, factor, origin = _column_grid(len(images), images.shape[1], headers, title, class_names)
+  for column, sets in enumerate(columns.values()):
     for row, (boxes, labels) in enumerate(sets):
       boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
       labels = np.asarray(labels, np.int64).reshape(-1)
       cell = _image_panel(images[row], boxes, labels, class_names, factor, font, names=len(labels) <= max_named)
-      canvas.paste(cell, (PAD + column * (panel + PAD), HEADER + CAPTION + row * (panel + PAD)))
+      canvas.paste(cell, origin(row, column))
   return canvas
