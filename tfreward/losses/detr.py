@@ -79,7 +79,9 @@ def _layer_terms(logits, boxes, gt_boxes, gt_classes, gt_valid, num_boxes, *, nu
   num_queries = num_queries_total // num_groups
   cost = detr_matcher.matching_cost(logits, boxes, gt_boxes, gt_classes, **match_kwargs)  # [B, T, N]
   cost = tf.where(gt_valid[:, :, None], cost, 0.0)
-  query_index, match_cost = detr_matcher.group_match(cost, gt_valid, num_groups=num_groups)  # [B, G, T], [B, G]
+  query_index = detr_matcher.group_match(cost, gt_valid, num_groups=num_groups)  # [B, G, T]
+  match_cost = tf.reduce_sum(detr_matcher.matched_cost(logits, boxes, gt_boxes, gt_classes, query_index,
+                                                       **match_kwargs), axis=-1)  # [B, G]
   valid = query_index >= 0  # [B, G, T]
   group_offsets = tf.range(num_groups, dtype=tf.int32)[:, None] * num_queries  # [G, 1]
   local = tf.where(valid, query_index - group_offsets, -1)

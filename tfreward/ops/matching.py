@@ -154,8 +154,8 @@ def _search(flat_cost, base, row4col, v, free, forbidden, preferred, pops):
   return out[1], out[0]
 
 
-def _solve(cost, row_valid, lanes=32, bidders=16, pops=8, patience=16, chunk_bytes=1 << 20, rows_per_trip=32):
-  """Solves [P, R, C] float32 problems with [P, R] bool valid rows.
+def _solve(flat_cost, row_valid, lanes=32, bidders=16, pops=8, patience=16, chunk_bytes=1 << 20, rows_per_trip=32):
+  """Solves P problems of [R, C], given as [P * R, C] float32 costs, with [P, R] bool valid rows.
 
   Greedy start (`chunk_bytes` of rows per trip) and row reduction (`bidders` rows per trip, `patience`) over the
   whole batch, then shortest augmenting path searches for the problems that still have free rows, `lanes` of them
@@ -163,17 +163,16 @@ def _solve(cost, row_valid, lanes=32, bidders=16, pops=8, patience=16, chunk_byt
 
   Returns [P, R] int32 columns (-1 for invalid rows) and int32 [3] loop trips (greedy, reduction, searches).
   """
-  num_rows, num_cols = cost.shape[-2], cost.shape[-1]
-  num_problems = tf.shape(cost)[0]
-  flat_cost = tf.reshape(cost, [-1, num_cols])
+  num_rows, num_cols = row_valid.shape[-1], flat_cost.shape[-1]
+  num_problems = tf.shape(row_valid)[0]
   chunk = max(8, min(256, chunk_bytes // (4 * num_cols)))
-  row4col, col4row, queue, queued, non_finite, greedy_trips = matching_init.greedy_start(cost, row_valid, chunk)
-  forbidden, preferred = matching_init.stand_ins(cost, row_valid, non_finite)
+  row4col, col4row, queue, queued, non_finite, greedy_trips = matching_init.greedy_start(flat_cost, row_valid, chunk)
+  forbidden, preferred = matching_init.stand_ins(flat_cost, row_valid, non_finite)
   row4col, col4row, v, rounds = matching_init.row_reduction(flat_cost, row4col, col4row, queue, queued, forbidden,
                                                             preferred, bidders, patience)
   row_free = row_valid & (tf.reshape(col4row, tf.shape(row_valid)) < 0)
-  if cost.shape[0] is not None:
-    lanes = max(1, min(lanes, cost.shape[0]))
+  if row_valid.shape[0] is not None:
+    lanes = max(1, min(lanes, row_valid.shape[0]))
   pops = max(1, min(pops, rows_per_trip // lanes))  # cost rows read per search trip over all lanes
   # Problems with free rows, packed; spare slots point at a dummy problem P whose state is never used.
   pending, num_pending = matching_init.compact(tf.reduce_any(row_free, axis=-1), num_problems)
@@ -258,7 +257,7 @@ def linear_sum_assignment_with_trips(cost, row_valid=None):
       raise ValueError(f"row_valid must have shape {cost.shape[:-1]} (cost's [..., R]), got {row_valid.shape}.")
   if num_rows == 0 or 0 in cost.shape[:-2]:
     return tf.fill(tf.concat([batch_shape, [num_rows]], axis=0), -1), tf.zeros([2], tf.int32)
-  flat_cost = tf.reshape(cost, [-1, num_rows, num_cols])  # [P, R, C]
+  flat_cost = tf.reshape(cost, [-1, num_cols])  # [P * R, C], the one form the solver reads
   flat_valid = tf.reshape(row_valid, [-1, num_rows])  # [P, R]
   assignment, trips = _solve(flat_cost, flat_valid)
   return tf.reshape(assignment, tf.concat([batch_shape, [num_rows]], axis=0)), tf.stack([trips[0], trips[1] + trips[2]])

@@ -7,24 +7,31 @@ and every assigned row holds a column of least reduced cost `c[i, j] - v[j]` (it
 import tensorflow as tf
 
 
-def stand_ins(cost, row_valid, non_finite):
+def stand_ins(flat_cost, row_valid, non_finite):
   """[P] float32 values standing for forbidden (NaN, +inf) and preferred (-inf) pairs.
 
   They need the finite cost range of each problem: a loop over the problems that runs only when some valid cost is
   non-finite (one [R, C] problem at a time, so the compiled program keeps no [P, R, C] temporary).
+
+  Args:
+    flat_cost: [P * R, C] float32 (the solver reads the costs in this one form: when they are computed in the same
+      program, a second form would make XLA compute them twice); row_valid: [P, R] bool; non_finite: bool scalar.
   """
+  num_rows = row_valid.shape[-1]
+  row_ids = tf.range(num_rows)
+
   def finite_range(p, lo, hi):
-    problem = tf.gather(cost, p)  # [R, C]
+    problem = tf.gather(flat_cost, p * num_rows + row_ids)  # [R, C]
     finite = tf.math.is_finite(problem) & tf.gather(row_valid, p)[:, None]
     low, high = (tf.reduce_min(tf.where(finite, problem, float("inf"))),
                  tf.reduce_max(tf.where(finite, problem, float("-inf"))))
     at = tf.equal(tf.range(tf.shape(lo)[0]), p)
     return p + 1, tf.where(at & (low <= high), low, lo), tf.where(at & (low <= high), high, hi)
 
-  zeros = tf.zeros(tf.shape(cost)[:1])
-  _, lo, hi = tf.while_loop(lambda p, *_: non_finite & (p < tf.shape(cost)[0]), finite_range,
+  zeros = tf.zeros(tf.shape(row_valid)[:1])
+  _, lo, hi = tf.while_loop(lambda p, *_: non_finite & (p < tf.shape(row_valid)[0]), finite_range,
                             (tf.constant(0), zeros, zeros))
-  span = (hi - lo) * float(cost.shape[-2]) + 1.0
+  span = (hi - lo) * float(num_rows) + 1.0
   return hi + span, lo - span
 
 
@@ -147,12 +154,15 @@ def _enqueue(queue, tail, ids, keep):
   return tf.tensor_scatter_nd_update(queue, slot[:, None], ids), tail + tf.reduce_sum(tf.cast(keep, tf.int32))
 
 
-def greedy_start(cost, row_valid, chunk):
+def greedy_start(flat_cost, row_valid, chunk):
   """Each valid row takes its cheapest column, the first row winning a contested one; the others are queued.
 
   The rows up to each problem's last valid row (for padded targets, exactly the valid rows) are lined up problem
   after problem and read `chunk` at a time (one gather): ceil(their number / chunk) loop trips, and padding rows at
   the end of a problem cost nothing. Column duals stay 0, so every assigned row holds a column of least cost.
+
+  Args:
+    flat_cost: [P * R, C] float32; row_valid: [P, R] bool; chunk: int rows per loop trip.
 
   Returns:
     row4col: [P + 1, C] int32 the row holding each column (-1 free); col4row: [P * R + 1] int32 the column of each
@@ -160,9 +170,8 @@ def greedy_start(cost, row_valid, chunk):
     queue: [P * R + 1] int32 flat ids of the free valid rows, a ring buffer; queued: int32 their number.
     non_finite: bool scalar, whether some valid row holds a non-finite cost; trips: int32 scalar.
   """
-  num_rows, num_cols = cost.shape[-2], cost.shape[-1]
-  num_problems = tf.shape(cost)[0]
-  flat_cost = tf.reshape(cost, [-1, num_cols])  # [P*R, C]
+  num_rows, num_cols = row_valid.shape[-1], flat_cost.shape[-1]
+  num_problems = tf.shape(row_valid)[0]
   flat_valid = tf.reshape(row_valid, [-1])  # [P*R]
   length = tf.reduce_max(tf.where(row_valid, tf.range(1, num_rows + 1), 0), axis=1)  # [P] rows to visit
   start = running_count(length) - length  # [P] first slot of each problem
