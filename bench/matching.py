@@ -15,6 +15,9 @@ looping over the problems on the host (valid rows only), and `official.projects.
 hungarian_matching` (tf-models-official, optional; square problems only, so (a) is padded to 300 x 300) compiled
 with XLA. It prints "not installed" when `official` cannot be imported.
 
+(a) is also timed as in a training step: from the predictions, the DETR cost and the matching in one compiled call,
+against the cost compiled, copied to the host and solved by scipy per image and group (DETR's `HungarianMatcher`).
+
 Peak memory of one call: for tfreward, the peak of TensorFlow's CPU allocator (BFC, TF_CPU_ALLOCATOR_USE_BFC=true)
 above what was in use before the call (the compiled program's temporaries and outputs), measured in a child process
 so that the allocator setting does not touch the timings; for scipy, the tracemalloc peak of the host loop (the
