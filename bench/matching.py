@@ -59,7 +59,7 @@ def coco_like_counts(rng, batch, *, mean=7.0, dispersion=1.2, max_targets=50):
   return np.minimum(rng.negative_binomial(dispersion, p, size=batch), max_targets)
 
 
-def detr_inputs(rng, *, batch=8, groups=11, queries=300, padded=100, classes=91):
+def detr_inputs(rng, *, batch=8, groups=GROUPS, queries=300, padded=100, classes=91):
   """Random Group DETR predictions and COCO-like targets: logits [B, G*Q, classes], boxes [B, G*Q, 4] cxcywh,
   gt_boxes [B, T, 4] cxcywh, gt_classes [B, T] int32, gt_valid [B, T] bool (numpy), and the counts [B]."""
   counts = coco_like_counts(rng, batch)

@@ -75,16 +75,13 @@ def matched_cost(pred_logits, pred_boxes, gt_boxes, gt_classes, query_index_for_
     query_index_for_target: [B, G, T] int32 global query index of each target per group, -1 for padding.
   """
   pred_logits, pred_boxes, gt_boxes, classes = _inputs(pred_logits, pred_boxes, gt_boxes, gt_classes)
-  batch, num_groups = tf.shape(pred_logits)[0], query_index_for_target.shape[1]
-  valid = query_index_for_target >= 0
-  index = tf.reshape(tf.maximum(query_index_for_target, 0), [batch, -1])  # [B, G*T]
-  class_index = tf.reshape(tf.broadcast_to(classes[:, None, :], tf.shape(query_index_for_target)), [batch, -1])
-  class_logit = tf.gather_nd(pred_logits, tf.stack([index, class_index], axis=-1), batch_dims=1)  # [B, G*T]
-  boxes = tf.gather(pred_boxes, index, batch_dims=1)  # [B, G*T, 4]
-  targets = tf.reshape(tf.broadcast_to(gt_boxes[:, None], [batch, num_groups, gt_boxes.shape[1], 4]), [batch, -1, 4])
-  cost = _pair_cost(class_logit, boxes, targets, cost_class=cost_class, cost_bbox=cost_bbox, cost_giou=cost_giou,
-                    focal_alpha=focal_alpha, focal_gamma=focal_gamma)
-  return tf.where(valid, tf.reshape(cost, tf.shape(query_index_for_target)), 0.0)
+  query = tf.maximum(query_index_for_target, 0)  # [B, G, T]
+  class_index = tf.broadcast_to(classes[:, None, :], tf.shape(query))
+  class_logit = tf.gather_nd(pred_logits, tf.stack([query, class_index], axis=-1), batch_dims=1)  # [B, G, T]
+  boxes = tf.gather(pred_boxes, query, batch_dims=1)  # [B, G, T, 4]
+  cost = _pair_cost(class_logit, boxes, gt_boxes[:, None], cost_class=cost_class, cost_bbox=cost_bbox,
+                    cost_giou=cost_giou, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+  return tf.where(query_index_for_target >= 0, cost, 0.0)
 
 
 def group_match(cost, gt_valid, *, num_groups):
