@@ -39,8 +39,8 @@ def _candidate_windows(anchor_centers, anchor_strides, gt_boxes, gt_valid, cente
 
   Returns:
     image_candidate: [B, A] bool anchors in some object's box or centre square.
-    has_pair_candidate: [B, M] bool objects with an anchor in both their box and square along one region (None for
-      the exact variant, which uses the image's candidates).
+    has_candidate: [B, M] bool valid objects with a candidate anchor: for the exact variant, any of the image's; for
+      the fast one, an anchor in the object's own box or centre square (both axes at one level).
     complete: [B, M] bool the windows hold every strong cell of the object.
     strong_w, anchor_w: [B, M, N] bool strong cells and int32 flat anchor index of the N = L * w * w window cells.
   """
@@ -79,9 +79,11 @@ def _candidate_windows(anchor_centers, anchor_strides, gt_boxes, gt_valid, cente
   image_candidate = tf.concat([
       tf.reshape(tf.einsum("bmy,bmx->byx", regions_y[:, :, l, :h], regions_x[:, :, l, :w]) > 0.0, [batch, h * w])
       for l, (h, w) in enumerate(levels)], axis=1)  # [B, A]
-  has_pair_candidate = None if exact else tf.reduce_any(
-      (tf.reduce_any(box_x, -1) & tf.reduce_any(box_y, -1)) | (tf.reduce_any(ctr_x, -1) & tf.reduce_any(ctr_y, -1)),
-      axis=-1)  # [B, M]
+  if exact:
+    has_candidate = gt_valid & tf.reduce_any(image_candidate, axis=-1, keepdims=True)
+  else:
+    has_candidate = tf.reduce_any((tf.reduce_any(box_x, -1) & tf.reduce_any(box_y, -1))
+                                  | (tf.reduce_any(ctr_x, -1) & tf.reduce_any(ctr_y, -1)), axis=-1)  # [B, M]
 
   # Window over the centre square: it starts at the square's first cell; the square holds every strong cell.
   cells = []
@@ -99,7 +101,7 @@ def _candidate_windows(anchor_centers, anchor_strides, gt_boxes, gt_valid, cente
   strong_w = tf.reshape(strong_y[..., :, None] & strong_x[..., None, :], [batch, num_slots, num_window])
   anchor_w = tf.reshape(tf.constant(offsets)[:, None, None] + cell_y[..., :, None] * tf.constant(widths)[:, None, None]
                         + cell_x[..., None, :], [batch, num_slots, num_window])
-  return image_candidate, has_pair_candidate, complete, strong_w, anchor_w
+  return image_candidate, has_candidate, complete, strong_w, anchor_w
 
 
 def _cost_function(obj_logits, cls_logits, background, classes, iou, pred_finite):
@@ -235,15 +237,13 @@ def windowed_assign(pred_boxes, obj_logits, cls_logits, anchor_centers, anchor_s
   exact = variant == "exact"
   batch = tf.shape(gt_valid)[0]
   num_slots, num_anchors, num_classes = gt_valid.shape[1], pred_boxes.shape[1], cls_logits.shape[-1]
-  image_candidate, has_pair_candidate, complete, strong_w, anchor_w = _candidate_windows(
+  image_candidate, has_candidate, complete, strong_w, anchor_w = _candidate_windows(
       anchor_centers, anchor_strides, gt_boxes, gt_valid, center_radius, levels, exact)
   if exact:
     candidate = image_candidate[:, None, :] & gt_valid[..., None]
-    has_candidate = gt_valid & tf.reduce_any(image_candidate, axis=-1, keepdims=True)
   else:
     in_box, in_ctr = simota_costs.region_masks(anchor_centers, anchor_strides, gt_boxes, center_radius)  # [B, M, A]
     candidate = (in_box | in_ctr) & gt_valid[..., None]  # elementwise, so it fuses into the IoU below
-    has_candidate = has_pair_candidate
 
   # IoU of every pair (0 off candidates), the dynamic k.
   background = simota_costs.background_cost(obj_logits, cls_logits)  # [B, A], NaN where a class logit is not finite
