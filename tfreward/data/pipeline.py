@@ -7,8 +7,9 @@ Each element is `(images, labels)` for one replica:
     boxes:   [B, M, 4] float32 yxyx normalised to the padded canvas, 0 for padding.
     classes: [B, M] int32, 0-based, -1 for padding.
     valid:   [B, M] bool, the training targets. Training drops boxes without extent (zero-area, inverted; see
-             `tfreward.data.augment`) and, with `annotation_drop_rate`, objects left out at random; evaluation keeps them valid, as COCO's evaluation counts them (the losses
-             treat a valid box without positive extent as padding).
+             `tfreward.data.augment`) and, with `annotation_drop_rate`, objects left out at random; evaluation
+             keeps every box valid, as COCO's evaluation counts them (the losses treat a valid box without
+             positive extent as padding).
     crowd:   [B, M] bool, evaluation only: COCO crowd regions, kept with valid=False and their real class (in
              training they are dropped; other datasets have none).
     M = `max_instances`: an image with more instances keeps the first M in dataset order (evaluation counts the
