@@ -51,8 +51,6 @@ def test_unknown_family():
     ("data.image_size=[64,", "not valid YAML"),
     ("train.eval_every_epochs=0", "train.eval_every_epochs must be positive.*--no-eval"),
     ("data.max_eval_examples=0", "data.max_eval_examples must be null"),
-    ("data.annotation_drop_rate=1.0", "data.annotation_drop_rate must be in [0, 1., got 1.0"),
-    ("data.annotation_drop_rate=-0.1", "data.annotation_drop_rate must be in [0, 1., got -0.1"),
     ("data.eval_split=valid[:10]", "data.eval_split 'valid[:10]' is not a split of tfreward_shapes"),
     ("data.train_split=train[:abc]", "data.train_split 'train[:abc]' is not a valid TFDS split"),
     ("data.dataset=nope", "data.dataset: unknown dataset 'nope'"),

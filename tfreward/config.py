@@ -59,9 +59,6 @@ class DataConfig:
   # keep its rows of each global batch (N hosts train on exactly the batches of one), "auto" = "file" when the split
   # has at least one file per pipeline. One pipeline (one host) reads the global stream either way.
   input_sharding: str = "auto"
-  # Detection training only: the probability that an object is left out of the training labels (its pixels stay),
-  # drawn per object and example: incomplete annotations on purpose (docs/pix2seq_crowded.md). Evaluation is complete.
-  annotation_drop_rate: float = 0.0
   augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
 
 
@@ -259,11 +256,6 @@ def validate(config):
   if not 0 < d.augment.scale_min <= d.augment.scale_max:
     raise ConfigError(f"data.augment needs 0 < scale_min <= scale_max, got "
                       f"{d.augment.scale_min}, {d.augment.scale_max}.")
-  if not 0.0 <= d.annotation_drop_rate < 1.0:
-    raise ConfigError(f"data.annotation_drop_rate must be in [0, 1), got {d.annotation_drop_rate}.")
-  if d.annotation_drop_rate and d.task != "detection":
-    raise ConfigError(f"data.annotation_drop_rate leaves objects out of detection labels; data.task {d.task!r} has "
-                      f"none.")
   if d.max_eval_examples is not None and d.max_eval_examples <= 0:
     raise ConfigError(f"data.max_eval_examples must be null (every example) or positive, got {d.max_eval_examples}.")
   if t.epochs <= 0 or t.steps_per_epoch <= 0 or t.steps_per_execution <= 0:

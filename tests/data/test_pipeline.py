@@ -322,9 +322,6 @@ def test_bad_image_size(image_size):
     (dict(max_instances=-1), "max_instances must be a positive integer, got -1"),
     (dict(max_examples=0), "max_examples must be None or a positive integer, got 0"),
     (dict(scale_range=(1.2, 0.8)), r"scale_range must be \(min, max\) with 0 < min <= max, got \(1.2, 0.8\)"),
-    (dict(annotation_drop_rate=1.0), r"annotation_drop_rate must be a number in \[0, 1\), got 1.0"),
-    (dict(annotation_drop_rate="0.2"), r"annotation_drop_rate must be a number in \[0, 1\), got '0.2'"),
-    (dict(annotation_drop_rate=0.2, task="segmentation"), "annotation_drop_rate leaves objects out of detection"),
     (dict(global_batch_size=3, input_context=tf.distribute.InputContext(1, 0, 2)),
      "global_batch_size 3 is not divisible by the 2 replicas"),
 ])
@@ -376,34 +373,3 @@ def test_evaluation_labels_keep_source_boxes_for_coco_evaluation():
   np.testing.assert_array_equal(labels["crowd"], [False] * 4 + [True] + [False] * 3)
   boxes = labels["boxes"].numpy()
   assert boxes[1, 2] == boxes[1, 0] and boxes[2, 2] < boxes[2, 0]
-
-
-def test_annotation_drop_leaves_objects_out_of_training_labels_only(data_dir):
-  steps = 10  # 40 examples of up to 8 objects
-  full = list(_build(data_dir, training=True, seed=3).take(steps).as_numpy_iterator())
-  dropped = list(_build(data_dir, training=True, seed=3, annotation_drop_rate=0.4).take(steps).as_numpy_iterator())
-  again = list(_build(data_dir, training=True, seed=3, annotation_drop_rate=0.4).take(steps).as_numpy_iterator())
-  kept = total = 0
-  for (images, labels), (dropped_images, dropped_labels), (_, again_labels) in zip(full, dropped, again):
-    np.testing.assert_array_equal(images, dropped_images)  # The same flips and crops: the pixels stay.
-    np.testing.assert_array_equal(dropped_labels["valid"], again_labels["valid"])  # Seeded.
-    for i in range(4):
-      boxes = labels["boxes"][i][labels["valid"][i]]
-      kept_boxes = dropped_labels["boxes"][i][dropped_labels["valid"][i]]
-      # The kept objects are a subsequence of the complete labels, in their order, with their classes.
-      rows = [int(np.flatnonzero((boxes == box).all(axis=1))[0]) for box in kept_boxes]
-      assert rows == sorted(rows)
-      np.testing.assert_array_equal(dropped_labels["classes"][i][dropped_labels["valid"][i]],
-                                    labels["classes"][i][labels["valid"][i]][rows])
-      kept, total = kept + len(rows), total + len(boxes)
-  assert total > 80 and 0.45 < kept / total < 0.75, (kept, total)
-  evaluation = _concat(list(_build(data_dir, training=False, annotation_drop_rate=0.4).as_numpy_iterator()))
-  complete = _concat(list(_build(data_dir, training=False).as_numpy_iterator()))
-  np.testing.assert_array_equal(evaluation["valid"], complete["valid"])
-
-
-def test_annotation_drop_rate_zero_is_the_stream_without_it(data_dir):
-  a = next(_build(data_dir, training=True, seed=5).as_numpy_iterator())
-  b = next(_build(data_dir, training=True, seed=5, annotation_drop_rate=0.0).as_numpy_iterator())
-  for key in a[1]:
-    np.testing.assert_array_equal(a[1][key], b[1][key])

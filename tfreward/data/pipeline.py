@@ -7,9 +7,8 @@ Each element is `(images, labels)` for one replica:
     boxes:   [B, M, 4] float32 yxyx normalised to the padded canvas, 0 for padding.
     classes: [B, M] int32, 0-based, -1 for padding.
     valid:   [B, M] bool, the training targets. Training drops boxes without extent (zero-area, inverted; see
-             `tfreward.data.augment`) and, with `annotation_drop_rate`, objects left out at random; evaluation
-             keeps every box valid, as COCO's evaluation counts them (the losses treat a valid box without
-             positive extent as padding).
+             `tfreward.data.augment`); evaluation keeps them valid, as COCO's evaluation counts them (the losses
+             treat a valid box without positive extent as padding).
     crowd:   [B, M] bool, evaluation only: COCO crowd regions, kept with valid=False and their real class (in
              training they are dropped; other datasets have none).
     M = `max_instances`: an image with more instances keeps the first M in dataset order (evaluation counts the
@@ -36,7 +35,6 @@ import tensorflow_datasets as tfds
 
 from tfreward.data import augment
 from tfreward.data import decoders
-from tfreward.data import labels as labels_lib
 from tfreward.data import sharding as sharding_lib
 from tfreward.data import transforms
 from tfreward.config import TASKS
@@ -60,7 +58,7 @@ def _is_int(value):
 
 
 def _check_arguments(spec, task, image_size, global_batch_size, max_instances, shuffle_buffer, scale_range,
-                     max_examples, num_replicas, annotation_drop_rate):
+                     max_examples, num_replicas):
   if task not in TASKS:
     raise DatasetError(f"task must be one of {TASKS}, got {task!r}.")
   if task not in spec.tasks:
@@ -77,11 +75,6 @@ def _check_arguments(spec, task, image_size, global_batch_size, max_instances, s
     raise DatasetError(f"scale_range must be (min, max) with 0 < min <= max, got {scale_range!r}.")
   if max_examples is not None and (not _is_int(max_examples) or max_examples <= 0):
     raise DatasetError(f"max_examples must be None or a positive integer, got {max_examples!r}.")
-  if (isinstance(annotation_drop_rate, bool) or not isinstance(annotation_drop_rate, numbers.Real)
-      or not 0.0 <= annotation_drop_rate < 1.0):
-    raise DatasetError(f"annotation_drop_rate must be a number in [0, 1), got {annotation_drop_rate!r}.")
-  if annotation_drop_rate and task != "detection":
-    raise DatasetError(f"annotation_drop_rate leaves objects out of detection labels; task {task!r} has none.")
   if global_batch_size % num_replicas:
     raise DatasetError(f"global_batch_size {global_batch_size} is not divisible by the {num_replicas} replicas; "
                      f"use a multiple of {num_replicas}.")
@@ -146,6 +139,28 @@ def _read(builder, spec, split, *, shuffle_files, seed, input_context=None):
         f"is prepared).") from None
 
 
+def _pack_instances(boxes, classes, crowd, keep, max_instances):
+  """Compacts the kept instances to the front (order preserved), truncates or pads to `max_instances`.
+
+  Args:
+    boxes: [N, 4] float32; classes: [N] int32; crowd: [N] bool; keep: [N] bool.
+  Returns:
+    boxes [M, 4] float32 (0 for padding), classes [M] int32 (-1), valid [M] bool (kept and not crowd),
+    crowd [M] bool.
+  """
+  order = tf.argsort(tf.cast(tf.logical_not(keep), tf.int32), stable=True)[:max_instances]  # [min(N, M)]
+  count = tf.minimum(tf.reduce_sum(tf.cast(keep, tf.int32)), max_instances)
+  used = tf.range(max_instances) < count  # [M]
+  pad = max_instances - tf.shape(order)[0]
+  boxes = tf.pad(tf.gather(boxes, order), [[0, pad], [0, 0]])
+  classes = tf.pad(tf.gather(classes, order), [[0, pad]])
+  crowd = tf.pad(tf.gather(crowd, order), [[0, pad]])
+  boxes = tf.ensure_shape(tf.where(used[:, None], boxes, 0.0), [max_instances, 4])
+  classes = tf.ensure_shape(tf.where(used, classes, -1), [max_instances])
+  crowd = tf.ensure_shape(tf.logical_and(used, crowd), [max_instances])
+  return boxes, classes, tf.logical_and(used, tf.logical_not(crowd)), crowd
+
+
 def _element(example, *, task, training, image, boxes, keep, mask, scale, max_instances):
   """Assembles one fixed-shape `(image, labels)` element from the processed pieces."""
   labels = {
@@ -160,21 +175,15 @@ def _element(example, *, task, training, image, boxes, keep, mask, scale, max_in
     crowd = example["crowd"]
     if training:  # Crowd regions are no training targets: drop them before packing.
       keep = tf.logical_and(keep, tf.logical_not(crowd))
-    labels["boxes"], labels["classes"], labels["valid"], crowd = labels_lib.pack_instances(
+    labels["boxes"], labels["classes"], labels["valid"], crowd = _pack_instances(
         boxes, example["classes"], crowd, keep, max_instances)
     if not training:
       labels["crowd"] = crowd
   return image, labels
 
 
-def _train_element(example, seed, *, task, image_size, max_instances, hflip, scale_range,
-                   annotation_drop_rate=0.0):
-  """Random flip and scale jitter with crop/pad, then fixed-size labels. `seed`: [2] int64.
-
-  `annotation_drop_rate` > 0 leaves each object out of the detection labels with that probability (its pixels stay
-  in the image): incomplete annotations, as a study of what they do to training. It draws from a stream of its own,
-  so the flip and crop of every example are those of a run without it.
-  """
+def _train_element(example, seed, *, task, image_size, max_instances, hflip, scale_range):
+  """Random flip and scale jitter with crop/pad, then fixed-size labels. `seed`: [2] int64."""
   flip_seed, scale_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
   image, boxes = example["image"], example["boxes"]
   mask = example["mask"] if task == "segmentation" else None
@@ -183,9 +192,6 @@ def _train_element(example, seed, *, task, image_size, max_instances, hflip, sca
   image, boxes, keep, mask, scale = augment.random_scale_crop(
       image, boxes, mask, output_hw=image_size, scale_range=scale_range, seed=scale_seed,
       mask_pad_value=decoders.IGNORE_INDEX)
-  if annotation_drop_rate > 0.0 and task == "detection":
-    drop_seed = tf.random.experimental.stateless_fold_in(seed, 2)
-    keep = labels_lib.drop_annotations(keep, annotation_drop_rate, seed=drop_seed)
   return _element(example, task=task, training=True, image=image, boxes=boxes, keep=keep, mask=mask,
                   scale=scale, max_instances=max_instances)
 
@@ -218,8 +224,7 @@ def _dummy_element(element_spec):
 
 def build_dataset(*, dataset, task, split, training, image_size, global_batch_size, max_instances=100,
                   data_dir=None, manual_dir=None, shuffle_buffer=1000, hflip=True, scale_range=(0.8, 1.25),
-                  max_examples=None, seed=None, input_context=None, input_sharding="auto", start_batch=0,
-                  annotation_drop_rate=0.0):
+                  max_examples=None, seed=None, input_context=None, input_sharding="auto", start_batch=0):
   """Builds the input pipeline of one input worker (see the module docstring for the element structure).
 
   Args:
@@ -248,9 +253,6 @@ def build_dataset(*, dataset, task, split, training, image_size, global_batch_si
       when the split has at least one file per pipeline. Defaults to "auto".
     start_batch: int, training only: global batches already trained on (a resumed run); the stream starts after
       them, so a resumed run sees the batches an uninterrupted one would. Defaults to 0.
-    annotation_drop_rate: float in [0, 1), detection training only: the probability that an object is left out of
-      the labels (drawn per object and example, seeded; its pixels stay): incomplete annotations. Evaluation labels
-      stay complete. Defaults to 0.
 
   Returns:
     A `tf.data.Dataset` of `(images, labels)` with fully static shapes, batch `B` = per-replica batch size.
@@ -259,7 +261,7 @@ def build_dataset(*, dataset, task, split, training, image_size, global_batch_si
   decoders.check_split(spec, split)
   num_replicas = input_context.num_replicas_in_sync if input_context else 1
   _check_arguments(spec, task, image_size, global_batch_size, max_instances, shuffle_buffer, scale_range,
-                   max_examples, num_replicas, annotation_drop_rate)
+                   max_examples, num_replicas)
   image_size = (int(image_size[0]), int(image_size[1]))
   batch = input_context.get_per_replica_batch_size(global_batch_size) if input_context else global_batch_size
   pipelines = input_context.num_input_pipelines if input_context else 1
@@ -299,8 +301,7 @@ def build_dataset(*, dataset, task, split, training, image_size, global_batch_si
     ds = ds.skip(start_batch * rows)  # Before decoding: skipping reads records, it decodes nothing.
     ds = ds.map(lambda index, example: _train_element(
         decode(example), tf.random.experimental.stateless_fold_in(base_seed, index), task=task,
-        image_size=image_size, max_instances=max_instances, hflip=hflip, scale_range=scale_range,
-        annotation_drop_rate=float(annotation_drop_rate)),
+        image_size=image_size, max_instances=max_instances, hflip=hflip, scale_range=scale_range),
                 num_parallel_calls=_AUTOTUNE)
     return ds.batch(batch, drop_remainder=True).prefetch(_AUTOTUNE)
 

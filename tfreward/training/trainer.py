@@ -51,9 +51,8 @@ class TrainResult:
 
 def _data_kwargs(config, *, training):
   d = config.data
-  training_only = (dict(input_sharding=d.input_sharding, annotation_drop_rate=d.annotation_drop_rate) if training
-                   else {})
-  return dict(**training_only, dataset=d.dataset, task=d.task, split=d.train_split if training else d.eval_split,
+  sharding = dict(input_sharding=d.input_sharding) if training else {}
+  return dict(**sharding, dataset=d.dataset, task=d.task, split=d.train_split if training else d.eval_split,
               training=training, image_size=tuple(d.image_size),
               global_batch_size=d.global_batch_size if training else d.eval_batch_size,
               max_instances=d.max_instances, data_dir=d.data_dir, manual_dir=d.manual_dir,
